@@ -1,0 +1,364 @@
+//! The TOML configuration file: its shape, its defaults and their reasons.
+//!
+//! Unknown keys are rejected (`deny_unknown_fields` everywhere) and every
+//! value is checked at start, so a typo stops `usher serve` with a message
+//! that names the key instead of silently running with a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+/// The whole configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name usher uses for itself in greetings and towards backends.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    pub store: StoreConfig,
+    /// Certificate and key for STARTTLS and implicit-TLS listeners.
+    pub tls: Option<TlsConfig>,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub backends: BackendLogin,
+    /// Admin HTTP endpoint (sessions, kicks); loopback only.
+    pub admin: Option<AdminConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://path/to/usher.db` (created on first start).
+    pub url: Secret<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Imap,
+    Submission,
+}
+
+/// How a listener (or a backend) uses TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Cleartext only.
+    None,
+    /// Cleartext with the STARTTLS upgrade offered.
+    Starttls,
+    /// TLS from the first byte (993, 465).
+    Implicit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub protocol: Protocol,
+    pub address: SocketAddr,
+    pub tls: TlsMode,
+    /// Accept passwords before TLS. Off by default: RFC 9051 §11.1 and the
+    /// design's security rules; turn on only for trusted local networks.
+    #[serde(default)]
+    pub plaintext_auth: bool,
+}
+
+/// Limits that bound what a client may cost before and after login.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Longest command line before login, literals excluded. 8 KiB holds
+    /// any real LOGIN or AUTHENTICATE while keeping hostile lines cheap.
+    pub line_bytes: usize,
+    /// Largest literal before login: credentials are short.
+    pub literal_bytes: usize,
+    /// Longest SASL identity (authcid, authzid) or password, in octets.
+    pub identity_bytes: usize,
+    /// Bad or failed commands before usher hangs up.
+    pub bad_commands: u32,
+    /// Failed logins on one connection before usher hangs up.
+    pub auth_failures: u32,
+    /// Deadline for the whole pre-login phase.
+    #[serde(with = "humantime_serde")]
+    pub prelogin_timeout: Duration,
+    /// Silence in both directions after login that ends a session; RFC 9051
+    /// §5.4 asks for at least 30 minutes so that IDLE clients survive.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connect, greeting and login at a backend, together.
+    #[serde(with = "humantime_serde")]
+    pub backend_timeout: Duration,
+    /// Open client connections per usher process.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            line_bytes: 8 * 1024,
+            literal_bytes: 4 * 1024,
+            identity_bytes: 1024,
+            bad_commands: 10,
+            auth_failures: 3,
+            prelogin_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(31 * 60),
+            backend_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// Password hashing and failure handling.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// argon2id memory cost in KiB (OWASP's 19 MiB, t=2, p=1 baseline).
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
+    pub argon2_parallelism: u32,
+    /// Delay before any failed login is answered; the same for unknown,
+    /// disabled and wrong-password logins so that none can be told apart.
+    #[serde(with = "humantime_serde")]
+    pub failure_delay: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            argon2_memory_kib: 19 * 1024,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
+            failure_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+/// How usher logs in to backends whose login mode is `master`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendLogin {
+    pub master_user: Option<String>,
+    pub master_password: Option<Secret<String>>,
+    /// Read the master password from this file instead (first line).
+    pub master_password_file: Option<PathBuf>,
+    /// CA bundle that backend certificates are verified against, unless a
+    /// backend names its own.
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+    pub token: Secret<String>,
+}
+
+/// A configuration error that names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+fn default_hostname() -> String {
+    "usher.localdomain".to_string()
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` only names the file in errors
+    /// and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: path.to_owned(),
+                key,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// Relative file names are taken from the config file's directory, so
+    /// that a config works from wherever usher is started.
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(tls) = &mut self.tls {
+            fix(&mut tls.cert);
+            fix(&mut tls.key);
+        }
+        if let Some(ca) = &mut self.backends.ca {
+            fix(ca);
+        }
+        if let Some(file) = &mut self.backends.master_password_file {
+            fix(file);
+        }
+        let url = self.store.url.expose();
+        if let Some(rest) = url.strip_prefix("sqlite://") {
+            let (file, query) = rest.split_once('?').unwrap_or((rest, ""));
+            if !file.is_empty() && !file.starts_with('/') && file != ":memory:" {
+                let joined = base.join(file).display().to_string();
+                let query = if query.is_empty() {
+                    String::new()
+                } else {
+                    format!("?{query}")
+                };
+                self.store.url = Secret::new(format!("sqlite://{joined}{query}"));
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, msg: &str| Err((key.to_string(), msg.to_string()));
+        if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
+            return bad("hostname", "must be a host name without spaces");
+        }
+        if !self.store.url.expose().starts_with("sqlite:") {
+            return bad("store.url", "only sqlite:// URLs are supported so far");
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let key = |k: &str| format!("listener[{i}].{k}");
+            if l.name.is_empty() || !names.insert(l.name.as_str()) {
+                return bad(&key("name"), "must be present and unique");
+            }
+            if l.protocol == Protocol::Submission {
+                return bad(
+                    &key("protocol"),
+                    "submission listeners are not available yet",
+                );
+            }
+            if l.tls != TlsMode::None && self.tls.is_none() {
+                return bad(&key("tls"), "needs a [tls] section with cert and key");
+            }
+        }
+        let limits = &self.limits;
+        if limits.line_bytes < 512 {
+            return bad("limits.line_bytes", "must be at least 512");
+        }
+        if limits.literal_bytes == 0 || limits.literal_bytes > 1 << 20 {
+            return bad("limits.literal_bytes", "must be between 1 and 1048576");
+        }
+        if limits.identity_bytes == 0 || limits.identity_bytes > limits.literal_bytes {
+            return bad(
+                "limits.identity_bytes",
+                "must be between 1 and literal_bytes",
+            );
+        }
+        if limits.bad_commands == 0 {
+            return bad("limits.bad_commands", "must be at least 1");
+        }
+        if limits.auth_failures == 0 {
+            return bad("limits.auth_failures", "must be at least 1");
+        }
+        if limits.idle_timeout < Duration::from_secs(30 * 60) {
+            return bad(
+                "limits.idle_timeout",
+                "must be at least 30m (RFC 9051 section 5.4, IDLE clients)",
+            );
+        }
+        if limits.prelogin_timeout.is_zero() {
+            return bad("limits.prelogin_timeout", "must be more than 0s");
+        }
+        if limits.backend_timeout.is_zero() {
+            return bad("limits.backend_timeout", "must be more than 0s");
+        }
+        if limits.max_connections == 0 {
+            return bad("limits.max_connections", "must be at least 1");
+        }
+        let a = &self.auth;
+        if a.argon2_memory_kib < 8 * a.argon2_parallelism.max(1) {
+            return bad("auth.argon2_memory_kib", "must be at least 8 × parallelism");
+        }
+        if a.argon2_iterations == 0 {
+            return bad("auth.argon2_iterations", "must be at least 1");
+        }
+        if a.argon2_parallelism == 0 {
+            return bad("auth.argon2_parallelism", "must be at least 1");
+        }
+        let b = &self.backends;
+        if b.master_password.is_some() && b.master_password_file.is_some() {
+            return bad(
+                "backends.master_password_file",
+                "give either master_password or master_password_file, not both",
+            );
+        }
+        if b.master_user.is_some()
+            != (b.master_password.is_some() || b.master_password_file.is_some())
+        {
+            return bad(
+                "backends.master_user",
+                "master_user and a master password go together",
+            );
+        }
+        if let Some(admin) = &self.admin {
+            if !admin.address.ip().is_loopback() {
+                return bad("admin.address", "must be a loopback address");
+            }
+            if admin.token.expose().len() < 16 {
+                return bad("admin.token", "must be at least 16 characters");
+            }
+        }
+        Ok(())
+    }
+
+    /// The master password, read from the file if one is named.
+    pub fn master_password(&self) -> std::io::Result<Option<Secret<String>>> {
+        if let Some(pw) = &self.backends.master_password {
+            return Ok(Some(pw.clone()));
+        }
+        match &self.backends.master_password_file {
+            Some(file) => {
+                let text = std::fs::read_to_string(file)?;
+                let line = text.lines().next().unwrap_or("").to_string();
+                Ok(Some(Secret::new(line)))
+            }
+            None => Ok(None),
+        }
+    }
+}

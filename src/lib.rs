@@ -1,0 +1,36 @@
+//! usher: one front door for a mail domain served by many mail servers.
+//!
+//! Mail clients connect to usher for IMAP; usher runs the pre-login
+//! dialogue itself, checks the password against the shared store, finds
+//! the backend that holds the user's mailbox, logs in there for the user
+//! and then copies bytes both ways without interpreting them.
+//!
+//! The parts, in the order a connection meets them:
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`config`] | the TOML file, its validation, defaults with reasons |
+//! | [`server`] | listeners, accept, connection limits, the per-connection span |
+//! | [`net`] | cleartext/TLS streams and TLS set-up |
+//! | [`imap`] | the IMAP pre-login server ([`imap::session`]), its pure wire parser ([`imap::parse`]) and the backend client ([`imap::backend`]) |
+//! | [`auth`] | password hashing and checks, equal-cost failures |
+//! | [`store`] | users, aliases, backends and the change feed (SQLite via sqlx, `schema/`) |
+//! | [`route`] | which backend serves a user: assignment, fallback, placement, health |
+//! | [`backend`] | reaching a backend: connect, TLS, line reads |
+//! | [`relay`] | the post-login byte pump, idle timeout, kicks, byte counts |
+//! | [`sessions`] | the registry of live sessions |
+//! | [`cli`] | the helpdesk commands (`usher user …`, `usher backend …`) |
+//! | [`secret`] | values that cannot be printed |
+
+pub mod auth;
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod imap;
+pub mod net;
+pub mod relay;
+pub mod route;
+pub mod secret;
+pub mod server;
+pub mod sessions;
+pub mod store;

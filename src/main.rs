@@ -1,0 +1,48 @@
+//! The `usher` binary: parses the command line, loads the configuration,
+//! sets up logging and runs the chosen command.
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use usher::cli::{self, Cli, Command};
+use usher::config::Config;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("usher: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if let Command::CheckConfig = cli.command {
+        println!("{}: ok", cli.config.display());
+        return std::process::ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve { ready_file } => {
+                usher::server::run(config, ready_file.as_deref()).await
+            }
+            other => cli::run(&config, other).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("usher: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

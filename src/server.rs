@@ -1,0 +1,241 @@
+//! `usher serve`: binds the listeners, accepts connections and hands each
+//! to its protocol's session, inside one tracing span per connection.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::auth::Authenticator;
+use crate::backend::{BackendTls, ClientAddrs};
+use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
+use crate::net::{server_config, Stream};
+use crate::relay::{Counters, End};
+use crate::route::HealthMap;
+use crate::secret::Secret;
+use crate::sessions::Registry;
+use crate::store::Store;
+
+/// State every session shares.
+pub struct Shared {
+    pub config: Config,
+    pub store: Store,
+    pub auth: Authenticator,
+    pub acceptor: Option<TlsAcceptor>,
+    pub backend_tls: BackendTls,
+    pub master: Option<(String, Secret<String>)>,
+    pub sessions: Registry,
+    pub health: HealthMap,
+    next_id: AtomicU64,
+}
+
+/// One accepted client connection.
+pub struct Conn {
+    pub id: u64,
+    pub stream: Stream,
+    pub addrs: ClientAddrs,
+    pub listener: Arc<ListenerConfig>,
+}
+
+/// What a finished session reports.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub up: u64,
+    pub down: u64,
+    pub end: Option<End>,
+}
+
+impl Summary {
+    pub fn from_counters(c: &Counters, end: End) -> Summary {
+        Summary {
+            up: c.up.load(Ordering::Relaxed),
+            down: c.down.load(Ordering::Relaxed),
+            end: Some(end),
+        }
+    }
+}
+
+impl Shared {
+    /// Opens the store and loads keys; everything `serve` needs before
+    /// binding.
+    pub async fn new(config: Config) -> anyhow::Result<Shared> {
+        let store = Store::open(config.store.url.expose())
+            .await
+            .context("opening the store")?;
+        let acceptor = match &config.tls {
+            Some(tls) => Some(TlsAcceptor::from(server_config(&tls.cert, &tls.key)?)),
+            None => None,
+        };
+        let master = match (&config.backends.master_user, config.master_password()?) {
+            (Some(user), Some(pw)) => Some((user.clone(), pw)),
+            _ => None,
+        };
+        let auth = Authenticator::new(
+            store.clone(),
+            config.auth.clone(),
+            config.limits.identity_bytes,
+        );
+        Ok(Shared {
+            backend_tls: BackendTls::new(config.backends.ca.clone()),
+            config,
+            store,
+            auth,
+            acceptor,
+            master,
+            sessions: Registry::default(),
+            health: HealthMap::default(),
+            next_id: AtomicU64::new(1),
+        })
+    }
+}
+
+/// Runs the server until the process is stopped.
+pub async fn run(config: Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared::new(config).await?);
+    let limit = Arc::new(Semaphore::new(shared.config.limits.max_connections));
+    let mut bound = serde_json::Map::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in &shared.config.listeners {
+        let socket = TcpListener::bind(l.address)
+            .await
+            .with_context(|| format!("listener {}: binding {}", l.name, l.address))?;
+        let addr = socket.local_addr()?;
+        info!(listener = %l.name, %addr, protocol = ?l.protocol, "listening");
+        bound.insert(l.name.clone(), addr.to_string().into());
+        tasks.spawn(accept_loop(
+            shared.clone(),
+            socket,
+            Arc::new(l.clone()),
+            limit.clone(),
+        ));
+    }
+    if let Some(path) = ready_file {
+        std::fs::write(path, serde_json::Value::Object(bound).to_string())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    tokio::select! {
+        _ = tasks.join_next() => anyhow::bail!("a listener stopped"),
+        _ = shutdown_signal() => info!("stopping"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    socket: TcpListener,
+    listener: Arc<ListenerConfig>,
+    limit: Arc<Semaphore>,
+) {
+    loop {
+        let (tcp, peer) = match socket.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors and the like: wait rather than spin.
+                warn!(listener = %listener.name, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tokio::spawn(refuse(tcp, listener.protocol, peer));
+            continue;
+        };
+        let span = info_span!(
+            "conn",
+            id,
+            client.addr = %peer,
+            listener = %listener.name,
+            user = tracing::field::Empty,
+            backend = tracing::field::Empty,
+        );
+        let shared = shared.clone();
+        let listener = listener.clone();
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                connection(shared, tcp, peer, listener, id).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Turns a connection away when the connection cap is reached.
+async fn refuse(mut tcp: TcpStream, protocol: Protocol, peer: SocketAddr) {
+    warn!(client.addr = %peer, "connection limit reached");
+    let line: &[u8] = match protocol {
+        Protocol::Imap => b"* BYE Too many connections, try again later\r\n",
+        Protocol::Submission => b"421 4.3.2 Too many connections, try again later\r\n",
+    };
+    let _ = tcp.write_all(line).await;
+    let _ = tcp.shutdown().await;
+}
+
+async fn connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<ListenerConfig>,
+    id: u64,
+) {
+    let started = Instant::now();
+    debug!("accepted");
+    let _ = tcp.set_nodelay(true);
+    let local = match tcp.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let stream = match listener.tls {
+        TlsMode::Implicit => {
+            let Some(acceptor) = shared.acceptor.clone() else {
+                return;
+            };
+            let handshake =
+                tokio::time::timeout(shared.config.limits.prelogin_timeout, acceptor.accept(tcp));
+            match handshake.await {
+                Ok(Ok(tls)) => Stream::ServerTls(Box::new(tls)),
+                _ => {
+                    debug!("TLS handshake failed");
+                    return;
+                }
+            }
+        }
+        _ => Stream::Plain(tcp),
+    };
+    let conn = Conn {
+        id,
+        stream,
+        addrs: ClientAddrs { peer, local },
+        listener: listener.clone(),
+    };
+    let summary = match listener.protocol {
+        Protocol::Imap => crate::imap::session::serve(shared, conn).await,
+        // TODO: the submission front door (issue 3); config rejects it now.
+        Protocol::Submission => Summary::default(),
+    };
+    info!(
+        duration_ms = started.elapsed().as_millis() as u64,
+        bytes_up = summary.up,
+        bytes_down = summary.down,
+        end = ?summary.end,
+        "connection closed"
+    );
+}

@@ -1,0 +1,43 @@
+//! Every shipped example config loads; every bad config is refused with a
+//! message that names the offending key.
+
+use std::path::Path;
+
+use usher::config::Config;
+
+#[test]
+fn example_config_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("usher.example.toml");
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.listeners.len(), 2);
+    assert!(config.tls.as_ref().unwrap().cert.exists(), "example cert path resolves");
+    assert!(config.limits.idle_timeout.as_secs() >= 30 * 60);
+}
+
+#[test]
+fn bad_configs_name_the_key() {
+    let expected = [
+        ("bad_address.toml", "address"),
+        ("bad_duration.toml", "failure_delay"),
+        ("bad_protocol.toml", "protocol"),
+        ("idle_timeout_short.toml", "limits.idle_timeout"),
+        ("master_without_password.toml", "backends.master_user"),
+        ("tls_without_cert.toml", "listener[0].tls"),
+        ("unknown_limit_key.toml", "line_buffer"),
+        ("unknown_top_key.toml", "surprise"),
+        ("unsupported_store.toml", "store.url"),
+        ("zero_literal.toml", "limits.literal_bytes"),
+    ];
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs/bad");
+    let files = std::fs::read_dir(&dir).unwrap().count();
+    assert_eq!(files, expected.len(), "every bad config has an expectation");
+    for (file, key) in expected {
+        match Config::load(&dir.join(file)) {
+            Ok(_) => panic!("{file} was accepted"),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.contains(key), "{file}: {msg:?} does not name {key}");
+            }
+        }
+    }
+}

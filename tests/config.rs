@@ -10,7 +10,10 @@ fn example_config_loads() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("usher.example.toml");
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.listeners.len(), 2);
-    assert!(config.tls.as_ref().unwrap().cert.exists(), "example cert path resolves");
+    assert!(
+        config.tls.as_ref().unwrap().cert.exists(),
+        "example cert path resolves"
+    );
     assert!(config.limits.idle_timeout.as_secs() >= 30 * 60);
 }
 

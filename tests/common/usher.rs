@@ -1,0 +1,290 @@
+//! Runs the real `usher` binary for a test: a config in a temporary
+//! directory, a fresh SQLite store, listeners on free loopback ports.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::dovecot::{example_certs_dir, Dovecot, MASTER_PASSWORD, MASTER_USER};
+
+/// What a test wants from its usher.
+#[derive(Clone)]
+pub struct UsherOpts {
+    /// Allow passwords on the cleartext IMAP listener.
+    pub plaintext_auth: bool,
+    /// `auth.failure_delay`.
+    pub failure_delay: &'static str,
+    /// `limits.prelogin_timeout`.
+    pub prelogin_timeout: &'static str,
+    /// `limits.backend_timeout`.
+    pub backend_timeout: &'static str,
+    /// Extra TOML appended to the generated file (sections of its own).
+    pub extra: String,
+    /// Extra `[limits]` lines.
+    pub limits: String,
+}
+
+impl Default for UsherOpts {
+    fn default() -> Self {
+        UsherOpts {
+            plaintext_auth: true,
+            failure_delay: "200ms",
+            prelogin_timeout: "20s",
+            backend_timeout: "5s",
+            extra: String::new(),
+            limits: String::new(),
+        }
+    }
+}
+
+/// A running usher process; stopped on drop.
+pub struct Usher {
+    child: Option<Child>,
+    dir: TempDir,
+    config: PathBuf,
+    addrs: HashMap<String, SocketAddr>,
+}
+
+fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_usher")
+}
+
+/// Writes a config for `opts` into `dir`; listeners on port 0.
+pub fn write_config(dir: &Path, opts: &UsherOpts) -> PathBuf {
+    let certs = example_certs_dir();
+    let text = format!(
+        r#"hostname = "usher.test"
+
+[store]
+url = "sqlite://{dir}/usher.db"
+
+[tls]
+cert = "{certs}/localhost.crt"
+key = "{certs}/localhost.key"
+
+[[listener]]
+name = "imap"
+protocol = "imap"
+address = "127.0.0.1:0"
+tls = "starttls"
+plaintext_auth = {plain}
+
+[[listener]]
+name = "imaps"
+protocol = "imap"
+address = "127.0.0.1:0"
+tls = "implicit"
+
+[[listener]]
+name = "imap-strict"
+protocol = "imap"
+address = "127.0.0.1:0"
+tls = "starttls"
+
+[limits]
+prelogin_timeout = "{prelogin}"
+backend_timeout = "{backend}"
+{limits}
+
+[auth]
+argon2_memory_kib = 256
+argon2_iterations = 1
+failure_delay = "{delay}"
+
+[backends]
+master_user = "{master}"
+master_password = "{master_pw}"
+ca = "{certs}/ca.crt"
+
+{extra}
+"#,
+        dir = dir.display(),
+        certs = certs.display(),
+        plain = opts.plaintext_auth,
+        prelogin = opts.prelogin_timeout,
+        backend = opts.backend_timeout,
+        limits = opts.limits,
+        delay = opts.failure_delay,
+        master = MASTER_USER,
+        master_pw = MASTER_PASSWORD,
+        extra = opts.extra,
+    );
+    let path = dir.join("usher.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+impl Usher {
+    /// Starts usher and waits until every listener is bound.
+    pub fn start(opts: UsherOpts) -> Usher {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), &opts);
+        let mut usher = Usher {
+            child: None,
+            dir,
+            config,
+            addrs: HashMap::new(),
+        };
+        usher.spawn();
+        usher
+    }
+
+    fn spawn(&mut self) {
+        let ready = self.dir.path().join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        let child = Command::new(binary())
+            .arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", "usher=debug,info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting usher");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                if let Ok(map) = serde_json::from_str::<HashMap<String, String>>(&text) {
+                    self.addrs = map
+                        .into_iter()
+                        .map(|(k, v)| (k, v.parse().unwrap()))
+                        .collect();
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("usher exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "usher did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("usher.log")
+    }
+
+    /// Everything usher logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Address of the listener named `name` (imap, imaps, imap-strict, ...).
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        *self
+            .addrs
+            .get(name)
+            .unwrap_or_else(|| panic!("no listener {name}"))
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs an `usher` CLI command against this usher's store.
+    pub fn cli(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut child = Command::new(binary())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.unwrap_or(b"")).unwrap();
+        drop(input);
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs a CLI command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str], stdin: Option<&[u8]>) -> String {
+        let out = self.cli(args, stdin);
+        assert!(
+            out.status.success(),
+            "usher {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Registers a Dovecot instance as backend `name` (master-user login).
+    pub fn add_backend(&self, name: &str, dovecot: &Dovecot) {
+        let port = dovecot.imap_port().to_string();
+        self.ok(
+            &[
+                "backend",
+                "add",
+                name,
+                "--host",
+                "127.0.0.1",
+                "--imap-port",
+                &port,
+            ],
+            None,
+        );
+    }
+
+    /// Adds a user with `password` on `backend`.
+    pub fn add_user(&self, login: &str, password: &[u8], backend: &str) {
+        let mut input = password.to_vec();
+        input.push(b'\n');
+        self.ok(
+            &[
+                "user",
+                "add",
+                login,
+                "--backend",
+                backend,
+                "--password-stdin",
+            ],
+            Some(&input),
+        );
+    }
+
+    /// Sends SIGTERM and waits for the process.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(child.id());
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// SIGTERM through the `kill` command, to keep tests free of libc.
+fn terminate(pid: u32) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+}
+
+impl Drop for Usher {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

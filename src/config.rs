@@ -267,12 +267,6 @@ impl Config {
             if l.name.is_empty() || !names.insert(l.name.as_str()) {
                 return bad(&key("name"), "must be present and unique");
             }
-            if l.protocol == Protocol::Submission {
-                return bad(
-                    &key("protocol"),
-                    "submission listeners are not available yet",
-                );
-            }
             if l.tls != TlsMode::None && self.tls.is_none() {
                 return bad(&key("tls"), "needs a [tls] section with cert and key");
             }

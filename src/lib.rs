@@ -13,6 +13,7 @@
 //! | [`server`] | listeners, accept, connection limits, the per-connection span |
 //! | [`net`] | cleartext/TLS streams and TLS set-up |
 //! | [`imap`] | the IMAP pre-login server ([`imap::session`]), its pure wire parser ([`imap::parse`]) and the backend client ([`imap::backend`]) |
+//! | [`smtp`] | the submission pre-AUTH server ([`smtp::session`]), its pure wire parser ([`smtp::parse`]), the backend client ([`smtp::backend`]) and the choice of backend ([`smtp::pool`]) |
 //! | [`auth`] | password hashing and checks, equal-cost failures |
 //! | [`store`] | users, aliases, backends and the change feed (SQLite via sqlx, `schema/`) |
 //! | [`route`] | which backend serves a user: assignment, fallback, placement, health |
@@ -33,4 +34,5 @@ pub mod route;
 pub mod secret;
 pub mod server;
 pub mod sessions;
+pub mod smtp;
 pub mod store;

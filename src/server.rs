@@ -34,6 +34,8 @@ pub struct Shared {
     pub master: Option<(String, Secret<String>)>,
     pub sessions: Registry,
     pub health: HealthMap,
+    /// Live submission sessions and what the submission backends offer.
+    pub submission: crate::smtp::pool::Pool,
     next_id: AtomicU64,
 }
 
@@ -92,6 +94,7 @@ impl Shared {
             master,
             sessions: Registry::default(),
             health: HealthMap::default(),
+            submission: Default::default(),
             next_id: AtomicU64::new(1),
         })
     }
@@ -100,6 +103,7 @@ impl Shared {
 /// Runs the server until the process is stopped.
 pub async fn run(config: Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::new(config).await?);
+    crate::smtp::pool::start(&shared);
     let limit = Arc::new(Semaphore::new(shared.config.limits.max_connections));
     let mut bound = serde_json::Map::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -228,8 +232,7 @@ async fn connection(
     };
     let summary = match listener.protocol {
         Protocol::Imap => crate::imap::session::serve(shared, conn).await,
-        // TODO: the submission front door (issue 3); config rejects it now.
-        Protocol::Submission => Summary::default(),
+        Protocol::Submission => crate::smtp::session::serve(shared, conn).await,
     };
     info!(
         duration_ms = started.elapsed().as_millis() as u64,

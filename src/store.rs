@@ -108,12 +108,69 @@ pub struct BackendFields {
     pub state: Option<String>,
 }
 
+/// What a change-feed entry says changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    UserAdded,
+    Password,
+    Disabled,
+    Enabled,
+    Removed,
+    /// The user's backend assignment changed.
+    Moved,
+    Fallback,
+    Alias,
+    Note,
+    Backend,
+    /// A backend drains and its sessions are to be ended, spread over the
+    /// number of seconds in the event's detail.
+    Drain,
+}
+
+const CHANGES: [(Change, &str); 11] = [
+    (Change::UserAdded, "user.added"),
+    (Change::Password, "user.password"),
+    (Change::Disabled, "user.disabled"),
+    (Change::Enabled, "user.enabled"),
+    (Change::Removed, "user.removed"),
+    (Change::Moved, "user.moved"),
+    (Change::Fallback, "user.fallback"),
+    (Change::Alias, "user.alias"),
+    (Change::Note, "user.note"),
+    (Change::Backend, "backend.changed"),
+    (Change::Drain, "backend.drain"),
+];
+
+impl Change {
+    pub fn as_str(self) -> &'static str {
+        CHANGES
+            .iter()
+            .find(|(c, _)| *c == self)
+            .map_or("unknown", |(_, s)| s)
+    }
+
+    pub fn parse(s: &str) -> Option<Change> {
+        CHANGES.iter().find(|(_, name)| *name == s).map(|(c, _)| *c)
+    }
+
+    /// Whether the user's live sessions must end: they were opened with
+    /// credentials or a routing that no longer holds.
+    pub fn ends_sessions(self) -> bool {
+        matches!(
+            self,
+            Change::Password | Change::Disabled | Change::Removed | Change::Moved
+        )
+    }
+}
+
 /// One entry of the change feed.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub id: i64,
-    pub kind: String,
+    /// `None` for kinds this version does not know (written by a newer one).
+    pub change: Option<Change>,
     pub subject: String,
+    pub detail: Option<String>,
 }
 
 /// Lower-cases a login name so that `Alice@Example.COM` and
@@ -220,7 +277,7 @@ impl Store {
         .bind(t)
         .execute(&self.pool)
         .await?;
-        self.event("user", &login).await
+        self.event(Change::UserAdded, &login, None).await
     }
 
     /// Runs `set` (an SQL assignment list) on one user, bumps its version
@@ -230,6 +287,7 @@ impl Store {
         login: &str,
         set: &str,
         value: Value<'_>,
+        change: Change,
     ) -> Result<(), StoreError> {
         let user = self.user(login).await?;
         let sql =
@@ -240,17 +298,32 @@ impl Store {
             Value::Int(i) => q.bind(i),
         };
         q.bind(now()).bind(user.id).execute(&self.pool).await?;
-        self.event("user", &user.login).await
+        self.event(change, &user.login, None).await
     }
 
     pub async fn set_password(&self, login: &str, password_hash: &str) -> Result<(), StoreError> {
-        self.update_user(login, "password_hash = ?", Value::Text(Some(password_hash)))
-            .await
+        self.update_user(
+            login,
+            "password_hash = ?",
+            Value::Text(Some(password_hash)),
+            Change::Password,
+        )
+        .await
     }
 
     pub async fn set_enabled(&self, login: &str, enabled: bool) -> Result<(), StoreError> {
-        self.update_user(login, "enabled = ?", Value::Int(Some(enabled as i64)))
-            .await
+        let change = if enabled {
+            Change::Enabled
+        } else {
+            Change::Disabled
+        };
+        self.update_user(
+            login,
+            "enabled = ?",
+            Value::Int(Some(enabled as i64)),
+            change,
+        )
+        .await
     }
 
     /// Assigns `login` to `backend` (or clears the assignment with `None`).
@@ -259,7 +332,7 @@ impl Store {
             Some(name) => Some(self.backend(name).await?.id),
             None => None,
         };
-        self.update_user(login, "backend_id = ?", Value::Int(id))
+        self.update_user(login, "backend_id = ?", Value::Int(id), Change::Moved)
             .await
     }
 
@@ -268,12 +341,25 @@ impl Store {
             Some(name) => Some(self.backend(name).await?.id),
             None => None,
         };
-        self.update_user(login, "fallback_id = ?", Value::Int(id))
+        self.update_user(login, "fallback_id = ?", Value::Int(id), Change::Fallback)
             .await
     }
 
+    /// Holds (or with `None` releases) the user's new logins until the
+    /// given Unix time in milliseconds, while a move runs.
+    pub async fn set_hold(&self, login: &str, until_ms: Option<i64>) -> Result<(), StoreError> {
+        let user = self.user(login).await?;
+        sqlx::query("UPDATE users SET hold_until = ? WHERE id = ?")
+            .bind(until_ms)
+            .bind(user.id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn set_note(&self, login: &str, note: Option<&str>) -> Result<(), StoreError> {
-        self.update_user(login, "note = ?", Value::Text(note)).await
+        self.update_user(login, "note = ?", Value::Text(note), Change::Note)
+            .await
     }
 
     pub async fn remove_user(&self, login: &str) -> Result<(), StoreError> {
@@ -282,7 +368,7 @@ impl Store {
             .bind(user.id)
             .execute(&self.pool)
             .await?;
-        self.event("user", &user.login).await
+        self.event(Change::Removed, &user.login, None).await
     }
 
     pub async fn add_alias(&self, alias: &str, login: &str) -> Result<(), StoreError> {
@@ -299,7 +385,7 @@ impl Store {
             .bind(user.id)
             .execute(&self.pool)
             .await?;
-        self.event("user", &user.login).await
+        self.event(Change::Alias, &user.login, None).await
     }
 
     pub async fn remove_alias(&self, alias: &str) -> Result<(), StoreError> {
@@ -311,7 +397,7 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(StoreError::NoUser(alias));
         }
-        self.event("alias", &alias).await
+        self.event(Change::Alias, &alias, None).await
     }
 
     // ---- backends ----------------------------------------------------
@@ -365,7 +451,7 @@ impl Store {
         .await?;
         apply_backend_fields(&mut tx, id, fields).await?;
         tx.commit().await?;
-        self.event("backend", name).await
+        self.event(Change::Backend, name, None).await
     }
 
     /// Changes the given fields of a backend; values are checked by the
@@ -375,7 +461,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         apply_backend_fields(&mut tx, b.id, f).await?;
         tx.commit().await?;
-        self.event("backend", name).await
+        self.event(Change::Backend, name, None).await
     }
 
     pub async fn remove_backend(&self, name: &str) -> Result<(), StoreError> {
@@ -393,15 +479,22 @@ impl Store {
             .bind(b.id)
             .execute(&self.pool)
             .await?;
-        self.event("backend", name).await
+        self.event(Change::Backend, name, None).await
     }
 
     // ---- change feed -------------------------------------------------
 
-    async fn event(&self, kind: &str, subject: &str) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO events (kind, subject, at) VALUES (?, ?, ?)")
-            .bind(kind)
+    /// Appends to the change feed.
+    pub async fn event(
+        &self,
+        change: Change,
+        subject: &str,
+        detail: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO events (kind, subject, detail, at) VALUES (?, ?, ?, ?)")
+            .bind(change.as_str())
             .bind(subject)
+            .bind(detail)
             .bind(now())
             .execute(&self.pool)
             .await?;
@@ -410,16 +503,18 @@ impl Store {
 
     /// Events after `after`, oldest first.
     pub async fn events_since(&self, after: i64) -> Result<Vec<Event>, StoreError> {
-        let rows = sqlx::query("SELECT id, kind, subject FROM events WHERE id > ? ORDER BY id")
-            .bind(after)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, kind, subject, detail FROM events WHERE id > ? ORDER BY id")
+                .bind(after)
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows
             .iter()
             .map(|r| Event {
                 id: r.get(0),
-                kind: r.get(1),
+                change: Change::parse(r.get(1)),
                 subject: r.get(2),
+                detail: r.get(3),
             })
             .collect())
     }
@@ -645,6 +740,11 @@ mod tests {
         let ev = s.events_since(before).await.unwrap();
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].subject, "bob@example.com");
+        assert_eq!(ev[0].change, Some(Change::Password));
+        assert!(Change::Password.ends_sessions() && !Change::Note.ends_sessions());
+        for (c, name) in CHANGES {
+            assert_eq!(Change::parse(name), Some(c));
+        }
     }
 
     #[tokio::test]

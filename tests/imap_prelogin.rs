@@ -12,7 +12,6 @@ use common::client::Client;
 use common::fake::{FakeImap, Script};
 use common::usher::{Usher, UsherOpts};
 
-
 fn usher() -> Usher {
     Usher::start(UsherOpts::default())
 }

@@ -33,7 +33,7 @@ CREATE TABLE users (
     backend_id    INTEGER REFERENCES backends(id) ON DELETE RESTRICT,
     fallback_id   INTEGER REFERENCES backends(id) ON DELETE RESTRICT,
     pool          TEXT NOT NULL DEFAULT 'default',
-    -- Logins wait while a move runs, until this time.
+    -- Logins wait while a move runs, until this time (Unix milliseconds).
     hold_until    INTEGER,
     display_name  TEXT,
     note          TEXT,
@@ -60,7 +60,11 @@ CREATE TABLE app_passwords (
 -- Change feed: servers follow it to drop cached state and end sessions.
 CREATE TABLE events (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    -- What changed, e.g. user.password, user.moved, backend.drain.
     kind    TEXT NOT NULL,
+    -- The user's canonical login or the backend's name.
     subject TEXT NOT NULL,
+    -- Kind-specific detail, e.g. the spread of a drain's kicks in seconds.
+    detail  TEXT,
     at      INTEGER NOT NULL
 );

@@ -269,7 +269,10 @@ pub fn decode_sasl(data: &[u8]) -> Result<Secret<Vec<u8>>, InvalidBase64> {
         base64::engine::GeneralPurposeConfig::new()
             .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
     );
-    engine.decode(data).map(Secret::new).map_err(|_| InvalidBase64)
+    engine
+        .decode(data)
+        .map(Secret::new)
+        .map_err(|_| InvalidBase64)
 }
 
 /// The parts of a SASL PLAIN message (RFC 4616).

@@ -26,7 +26,18 @@
 //! - a user added with [`Dovecot::add_user`], with their own password.
 //!
 //! Dovecot lower-cases login names (`auth_username_format = %Lu`), so mail of
-//! `Alice@Example.com` lands in the Maildir of `alice@example.com`.
+//! `Alice@Example.com` lands in the Maildir of `alice@example.com`. Any
+//! octets may appear in a login name (`auth_username_chars` is empty), so
+//! UTF-8 names such as `josé@example.com` log in too.
+//!
+//! Submission (with [`DovecotOpts::submission`]) relays every message to
+//! the given port as plain SMTP; Dovecot adds one `Received:` header at the
+//! top and uses BDAT towards the relay when it offers CHUNKING. Before
+//! login its EHLO lists 8BITMIME, AUTH PLAIN LOGIN, BURL imap, CHUNKING,
+//! ENHANCEDSTATUSCODES, SIZE (no value), STARTTLS (with `tls`), PIPELINING
+//! and, to loopback (a trusted network), XCLIENT; never SMTPUTF8 (Dovecot
+//! 2.3 answers `555 5.5.4 Unsupported parameters` to `MAIL … SMTPUTF8`).
+//! After XCLIENT it still wants AUTH.
 //!
 //! When the tests run as root, mail processes run as `nobody` (65534:65534)
 //! and login and auth processes as the `dovenull` and `dovecot` users of the
@@ -90,7 +101,7 @@ dovecot=$!
 (read -r line <&3; kill -TERM "$dovecot" 2>/dev/null) &
 watcher=$!
 exec 3<&-
-wait "$dovecot"
+wait "$dovecot" 2>/dev/null
 status=$?
 kill "$watcher" 2>/dev/null
 exit "$status"
@@ -679,6 +690,19 @@ fn identity_config(run_as: &RunAs) -> String {
 default_internal_group = {group}
 default_login_user = {name}
 first_valid_uid = {uid}
+# Only root may chroot.
+service anvil {{
+  chroot =
+}}
+service imap-login {{
+  chroot =
+}}
+service imap-urlauth-login {{
+  chroot =
+}}
+service submission-login {{
+  chroot =
+}}
 "
         ),
     }
@@ -692,6 +716,9 @@ auth_mechanisms = plain login
 auth_verbose = yes
 # Refuse wrong passwords without the two-second delay.
 auth_failure_delay = 0
+# Any octets in user names: the default set refuses UTF-8 local parts
+# (josé@example.com) that usher forwards as the master login's authzid.
+auth_username_chars =
 auth_master_user_separator = *
 # Any octets in user names: usher's users include josé@example.com.
 auth_username_chars =

@@ -7,5 +7,8 @@
 pub mod client;
 pub mod dovecot;
 pub mod fake;
+pub mod fake_smtp;
 pub mod net;
+pub mod sink;
+pub mod smtp;
 pub mod usher;

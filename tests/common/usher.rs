@@ -15,7 +15,8 @@ use super::dovecot::{example_certs_dir, Dovecot, MASTER_PASSWORD, MASTER_USER};
 /// What a test wants from its usher.
 #[derive(Clone)]
 pub struct UsherOpts {
-    /// Allow passwords on the cleartext IMAP listener.
+    /// Allow passwords on the cleartext IMAP and submission listeners
+    /// ("imap", "submission"; the "-strict" ones never allow them).
     pub plaintext_auth: bool,
     /// `auth.failure_delay`.
     pub failure_delay: &'static str,
@@ -83,6 +84,25 @@ tls = "implicit"
 [[listener]]
 name = "imap-strict"
 protocol = "imap"
+address = "127.0.0.1:0"
+tls = "starttls"
+
+[[listener]]
+name = "submission"
+protocol = "submission"
+address = "127.0.0.1:0"
+tls = "starttls"
+plaintext_auth = {plain}
+
+[[listener]]
+name = "submissions"
+protocol = "submission"
+address = "127.0.0.1:0"
+tls = "implicit"
+
+[[listener]]
+name = "submission-strict"
+protocol = "submission"
 address = "127.0.0.1:0"
 tls = "starttls"
 
@@ -183,7 +203,8 @@ impl Usher {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    /// Address of the listener named `name` (imap, imaps, imap-strict, ...).
+    /// Address of the listener named `name`: imap, imaps, imap-strict,
+    /// submission, submissions, submission-strict.
     pub fn addr(&self, name: &str) -> SocketAddr {
         *self
             .addrs
@@ -242,6 +263,32 @@ impl Usher {
             ],
             None,
         );
+    }
+
+    /// Registers a submission backend on 127.0.0.1:`port` (master-user
+    /// login unless `flags` say otherwise, e.g. `["--forward", "xclient"]`,
+    /// `["--tls", "starttls"]`, `["--login", "passthrough"]`).
+    pub fn add_submission_backend(&self, name: &str, port: u16, flags: &[&str]) {
+        let port = port.to_string();
+        let mut args = vec![
+            "backend",
+            "add",
+            name,
+            "--host",
+            "127.0.0.1",
+            "--submission-port",
+            &port,
+        ];
+        args.extend_from_slice(flags);
+        self.ok(&args, None);
+    }
+
+    /// Adds a user with `password` and no assigned backend: submission
+    /// places such a user in the pool.
+    pub fn add_pool_user(&self, login: &str, password: &[u8]) {
+        let mut input = password.to_vec();
+        input.push(b'\n');
+        self.ok(&["user", "add", login, "--password-stdin"], Some(&input));
     }
 
     /// Adds a user with `password` on `backend`.

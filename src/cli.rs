@@ -6,14 +6,18 @@
 //! `--password-stdin`.
 
 use std::io::{BufRead, IsTerminal};
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
+use crate::admin::{KickReply, KickRequest};
 use crate::auth::hash_password;
 use crate::config::Config;
-use crate::store::{BackendFields, Store};
+use crate::sessions::SessionView;
+use crate::store::{BackendFields, BackendState, Change, Store};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,6 +57,32 @@ pub enum Command {
     Backend(BackendCommand),
     /// Print an argon2id hash of a password (for scripts and SQL).
     Hash(PasswordInput),
+    /// List the live sessions of a running server (admin endpoint).
+    Sessions {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// End live sessions of a running server by user, backend or client
+    /// address (admin endpoint).
+    Kick {
+        #[arg(long, group = "which")]
+        user: Option<String>,
+        #[arg(long, group = "which")]
+        backend: Option<String>,
+        /// Client IP address.
+        #[arg(long, group = "which")]
+        client: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// Where the running server's admin endpoint is.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Admin endpoint address; defaults to the config's `admin.address`.
+    #[arg(long, env = "USHER_ADMIN")]
+    pub admin: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +102,13 @@ pub enum UserCommand {
         backend: Option<String>,
         #[command(flatten)]
         password: PasswordInput,
+    },
+    /// Add many users from stdin, one per line: the login, a space, then
+    /// the password (the rest of the line). All or none are added.
+    Import {
+        /// Backend for every imported user (else placed at first login).
+        #[arg(long)]
+        backend: Option<String>,
     },
     /// Set a user's password.
     Passwd {
@@ -109,6 +146,17 @@ pub enum UserCommand {
     AliasRemove { alias: String },
     /// Set the helpdesk note.
     Note { login: String, note: Option<String> },
+    /// Move a user to another backend: hold their new logins, change the
+    /// assignment, end their live sessions on every server, release the
+    /// hold. Their next login goes to the new backend. (Copying the mail
+    /// itself, e.g. with doveadm sync, is done before this.)
+    Move {
+        login: String,
+        backend: String,
+        /// How long logins are held while every server applies the move.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        hold: Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,6 +177,13 @@ pub enum BackendCommand {
     List,
     /// Remove a backend that serves nobody.
     Remove { name: String },
+    /// Stop placing new users on a backend (state draining); with
+    /// `--kick-over`, also end its live sessions spread over that time.
+    Drain {
+        name: String,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        kick_over: Option<Duration>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -216,14 +271,177 @@ pub async fn run(config: &Config, command: Command) -> anyhow::Result<()> {
         println!("{}", hash_password(&config.auth, &read_password(input)?));
         return Ok(());
     }
+    match command {
+        Command::Sessions { admin } => return sessions(config, &admin),
+        Command::Kick {
+            user,
+            backend,
+            client,
+            admin,
+        } => {
+            let request = KickRequest {
+                user,
+                backend,
+                client,
+            };
+            return kick(config, &admin, &request);
+        }
+        _ => {}
+    }
     let store = Store::open(config.store.url.expose())
         .await
         .context("opening the store")?;
     match command {
         Command::User(cmd) => user(config, &store, cmd).await,
         Command::Backend(cmd) => backend(&store, cmd).await,
-        Command::Serve { .. } | Command::CheckConfig | Command::Hash(_) => Ok(()),
+        _ => Ok(()),
     }
+}
+
+/// The admin endpoint's base URL and token.
+fn admin_endpoint(config: &Config, args: &AdminArgs) -> anyhow::Result<(String, String)> {
+    let admin = config
+        .admin
+        .as_ref()
+        .context("the config has no [admin] section: no running server to ask")?;
+    let addr = args.admin.unwrap_or(admin.address);
+    Ok((format!("http://{addr}"), admin.token.expose().clone()))
+}
+
+fn admin_error(base: &str, e: ureq::Error) -> anyhow::Error {
+    match e {
+        ureq::Error::StatusCode(401) => {
+            anyhow::anyhow!("{base}: the admin token was refused (check admin.token)")
+        }
+        ureq::Error::StatusCode(code) => anyhow::anyhow!("{base}: the server answered {code}"),
+        other => anyhow::anyhow!("{base}: cannot reach the running server: {other}"),
+    }
+}
+
+fn sessions(config: &Config, args: &AdminArgs) -> anyhow::Result<()> {
+    let (base, token) = admin_endpoint(config, args)?;
+    let list: Vec<SessionView> = ureq::get(format!("{base}/sessions"))
+        .header("Authorization", format!("Bearer {token}"))
+        .call()
+        .map_err(|e| admin_error(&base, e))?
+        .body_mut()
+        .read_json()?;
+    let now = unix_now().as_secs();
+    println!(
+        "{:<8} {:<32} {:<12} {:<24} {:<14} {:>8} {:>12} {:>12}",
+        "ID", "USER", "BACKEND", "CLIENT", "LISTENER", "AGE", "UP", "DOWN"
+    );
+    for s in &list {
+        println!(
+            "{:<8} {:<32} {:<12} {:<24} {:<14} {:>7}s {:>12} {:>12}",
+            s.id,
+            s.user,
+            s.backend,
+            s.client,
+            s.listener,
+            now.saturating_sub(s.started),
+            s.bytes_up,
+            s.bytes_down
+        );
+    }
+    println!("{} session(s)", list.len());
+    Ok(())
+}
+
+fn kick(config: &Config, args: &AdminArgs, request: &KickRequest) -> anyhow::Result<()> {
+    let given = [&request.user, &request.backend, &request.client]
+        .iter()
+        .filter(|v| v.is_some())
+        .count();
+    if given != 1 {
+        bail!("name exactly one of --user, --backend, --client");
+    }
+    let (base, token) = admin_endpoint(config, args)?;
+    let reply: KickReply = ureq::post(format!("{base}/kick"))
+        .header("Authorization", format!("Bearer {token}"))
+        .send_json(request)
+        .map_err(|e| admin_error(&base, e))?
+        .body_mut()
+        .read_json()?;
+    println!("ended {} session(s)", reply.kicked);
+    Ok(())
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// `usher user import`: see [`UserCommand::Import`].
+async fn import_users(
+    config: &Config,
+    store: &Store,
+    backend: Option<&str>,
+) -> anyhow::Result<usize> {
+    let mut users = Vec::new();
+    for (i, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line.with_context(|| format!("stdin line {}", i + 1))?;
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            continue;
+        }
+        let Some((login, password)) = line.split_once(' ') else {
+            bail!(
+                "stdin line {}: expected a login, a space and a password",
+                i + 1
+            );
+        };
+        if password.is_empty() || password.chars().any(|c| c.is_control()) {
+            bail!(
+                "stdin line {}: the password is empty or has control characters",
+                i + 1
+            );
+        }
+        let hash = hash_password(&config.auth, password.as_bytes());
+        users.push((login.to_string(), hash));
+    }
+    store.add_users(&users, backend).await?;
+    Ok(users.len())
+}
+
+/// `usher user move`: see [`UserCommand::Move`].
+async fn move_user(
+    config: &Config,
+    store: &Store,
+    login: &str,
+    backend: &str,
+    hold: Duration,
+) -> anyhow::Result<()> {
+    let user = store
+        .find_user(login)
+        .await?
+        .with_context(|| format!("no such user: {login}"))?;
+    let target = store.backend(backend).await?;
+    if target.state == BackendState::Disabled {
+        bail!("backend {backend} is disabled");
+    }
+    if user.backend.as_deref() == Some(backend) {
+        println!("{} is already on {backend}", user.login);
+        return Ok(());
+    }
+    // Every server must see the move before the hold ends: two reads of
+    // the change feed at least.
+    let settle = hold.max(config.store.follow_interval * 2);
+    let until = unix_now() + settle + Duration::from_secs(2);
+    store
+        .set_hold(&user.login, Some(until.as_millis() as i64))
+        .await?;
+    let moved = store.assign(&user.login, Some(backend)).await;
+    tokio::time::sleep(settle).await;
+    store.set_hold(&user.login, None).await?;
+    moved?;
+    println!(
+        "moved {} from {} to {backend}",
+        user.login,
+        user.backend.as_deref().unwrap_or("(unplaced)")
+    );
+    Ok(())
 }
 
 async fn user(config: &Config, store: &Store, cmd: UserCommand) -> anyhow::Result<()> {
@@ -236,6 +454,10 @@ async fn user(config: &Config, store: &Store, cmd: UserCommand) -> anyhow::Resul
             let hash = hash_password(&config.auth, &read_password(&password)?);
             store.add_user(&login, &hash, backend.as_deref()).await?;
             println!("added {login}");
+        }
+        UserCommand::Import { backend } => {
+            let n = import_users(config, store, backend.as_deref()).await?;
+            println!("added {n} user(s)");
         }
         UserCommand::Passwd { login, password } => {
             let hash = hash_password(&config.auth, &read_password(&password)?);
@@ -284,6 +506,11 @@ async fn user(config: &Config, store: &Store, cmd: UserCommand) -> anyhow::Resul
         UserCommand::AliasAdd { alias, login } => store.add_alias(&alias, &login).await?,
         UserCommand::AliasRemove { alias } => store.remove_alias(&alias).await?,
         UserCommand::Note { login, note } => store.set_note(&login, note.as_deref()).await?,
+        UserCommand::Move {
+            login,
+            backend,
+            hold,
+        } => move_user(config, store, &login, &backend, hold).await?,
     }
     Ok(())
 }
@@ -309,6 +536,22 @@ async fn backend(store: &Store, cmd: BackendCommand) -> anyhow::Result<()> {
         BackendCommand::Add { name, fields } => store.add_backend(&name, &fields.into()).await?,
         BackendCommand::Set { name, fields } => store.set_backend(&name, &fields.into()).await?,
         BackendCommand::Remove { name } => store.remove_backend(&name).await?,
+        BackendCommand::Drain { name, kick_over } => {
+            let draining = BackendFields {
+                state: Some("draining".into()),
+                ..Default::default()
+            };
+            store.set_backend(&name, &draining).await?;
+            println!("{name} is draining: no new users are placed there");
+            if let Some(spread) = kick_over {
+                let detail = spread.as_secs_f64().to_string();
+                store.event(Change::Drain, &name, Some(&detail)).await?;
+                println!(
+                    "its sessions end over {}",
+                    humantime::format_duration(spread)
+                );
+            }
+        }
         BackendCommand::List => {
             println!(
                 "{:<12} {:<22} {:<6} {:<6} {:<9} {:<12} {:<10} {:<6} STATE",

@@ -30,6 +30,8 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub backends: BackendLogin,
+    #[serde(default)]
+    pub health: HealthConfig,
     /// Admin HTTP endpoint (sessions, kicks); loopback only.
     pub admin: Option<AdminConfig>,
 }
@@ -39,6 +41,38 @@ pub struct Config {
 pub struct StoreConfig {
     /// `sqlite://path/to/usher.db` (created on first start).
     pub url: Secret<String>,
+    /// How often the server reads the store's change feed. Changes made by
+    /// the CLI or another node take effect within about this long.
+    #[serde(default = "default_follow_interval", with = "humantime_serde")]
+    pub follow_interval: Duration,
+}
+
+fn default_follow_interval() -> Duration {
+    Duration::from_millis(250)
+}
+
+/// Backend health probes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Time between probes of each backend.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Connect plus greeting, per probe.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive failures (probes or real logins) that mark a backend down.
+    pub down_after: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(3),
+            down_after: 2,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -329,6 +363,24 @@ impl Config {
                 "backends.master_user",
                 "master_user and a master password go together",
             );
+        }
+        let h = &self.health;
+        if h.interval < Duration::from_millis(100) {
+            return bad("health.interval", "must be at least 100ms");
+        }
+        if h.timeout.is_zero() || h.timeout > h.interval.max(Duration::from_secs(1)) * 10 {
+            return bad(
+                "health.timeout",
+                "must be more than 0s and at most 10 intervals",
+            );
+        }
+        if h.down_after == 0 {
+            return bad("health.down_after", "must be at least 1");
+        }
+        if self.store.follow_interval < Duration::from_millis(10)
+            || self.store.follow_interval > Duration::from_secs(60)
+        {
+            return bad("store.follow_interval", "must be between 10ms and 60s");
         }
         if let Some(admin) = &self.admin {
             if !admin.address.ip().is_loopback() {

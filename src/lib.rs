@@ -16,17 +16,23 @@
 //! | [`smtp`] | the submission pre-AUTH server ([`smtp::session`]), its pure wire parser ([`smtp::parse`]), the backend client ([`smtp::backend`]) and the choice of backend ([`smtp::pool`]) |
 //! | [`auth`] | password hashing and checks, equal-cost failures |
 //! | [`store`] | users, aliases, backends and the change feed (SQLite via sqlx, `schema/`) |
-//! | [`route`] | which backend serves a user: assignment, fallback, placement, health |
+//! | [`route`] | which backend serves a user: assignment, fallback, placement, holds, the health map |
+//! | [`health`] | the probe loop that feeds the health map |
+//! | [`follow`] | the change-feed follower: store changes end sessions, drains |
+//! | [`admin`] | the token-protected loopback HTTP endpoint (sessions, kicks, health) |
 //! | [`backend`] | reaching a backend: connect, TLS, line reads |
 //! | [`relay`] | the post-login byte pump, idle timeout, kicks, byte counts |
 //! | [`sessions`] | the registry of live sessions |
-//! | [`cli`] | the helpdesk commands (`usher user …`, `usher backend …`) |
+//! | [`cli`] | the helpdesk commands (`usher user …`, `usher backend …`, `usher sessions`, `usher kick`) |
 //! | [`secret`] | values that cannot be printed |
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod follow;
+pub mod health;
 pub mod imap;
 pub mod net;
 pub mod relay;

@@ -6,8 +6,13 @@
 //! - An unassigned user is placed by weighted rendezvous hashing over the
 //!   active, healthy backends of their pool, and the placement is written
 //!   back, so that adding a backend later moves nobody.
+//! - While a move holds a user (`usher user move`), their logins wait for
+//!   the hold to end and then read the new assignment.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
+use serde::Serialize;
 
 use crate::server::Shared;
 use crate::store::{Backend, BackendState, StoreError, User};
@@ -33,8 +38,9 @@ pub enum RouteError {
     Store(#[from] StoreError),
 }
 
-/// Consecutive failures that mark a backend down.
-const DOWN_AFTER: u32 = 2;
+/// The longest one login waits for a hold, whatever the store says: a
+/// `usher user move` that died half-way must not lock a user out.
+pub const MAX_HOLD: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Health {
@@ -42,13 +48,36 @@ struct Health {
     down: bool,
 }
 
+/// One backend's state, for the admin endpoint.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct HealthView {
+    pub backend: String,
+    pub up: bool,
+    pub failures: u32,
+}
+
 /// Up/down state of every backend, fed by probes and real logins.
-#[derive(Default)]
 pub struct HealthMap {
     backends: DashMap<String, Health>,
+    down_after: u32,
+}
+
+impl Default for HealthMap {
+    fn default() -> Self {
+        HealthMap::new(2)
+    }
 }
 
 impl HealthMap {
+    /// A map that marks a backend down after `down_after` consecutive
+    /// failures; one success brings it back.
+    pub fn new(down_after: u32) -> HealthMap {
+        HealthMap {
+            backends: DashMap::new(),
+            down_after: down_after.max(1),
+        }
+    }
+
     /// Records one success or failure; logs a state change once.
     pub fn report(&self, backend: &str, ok: bool) {
         let mut h = self.backends.entry(backend.to_string()).or_default();
@@ -58,8 +87,8 @@ impl HealthMap {
             }
             *h = Health::default();
         } else {
-            h.failures += 1;
-            if !h.down && h.failures >= DOWN_AFTER {
+            h.failures = h.failures.saturating_add(1);
+            if !h.down && h.failures >= self.down_after {
                 h.down = true;
                 tracing::warn!(backend, failures = h.failures, "backend is down");
             }
@@ -68,6 +97,55 @@ impl HealthMap {
 
     pub fn is_up(&self, backend: &str) -> bool {
         self.backends.get(backend).is_none_or(|h| !h.down)
+    }
+
+    /// Every backend heard of so far, by name.
+    pub fn list(&self) -> Vec<HealthView> {
+        let mut all: Vec<HealthView> = self
+            .backends
+            .iter()
+            .map(|h| HealthView {
+                backend: h.key().clone(),
+                up: !h.down,
+                failures: h.failures,
+            })
+            .collect();
+        all.sort_by(|a, b| a.backend.cmp(&b.backend));
+        all
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Waits while a move holds `user`, then returns their current record
+/// (the move has changed it). `None` when the user is gone meanwhile.
+pub async fn after_hold(shared: &Shared, user: User) -> Result<Option<User>, RouteError> {
+    let Some(until) = user.hold_until else {
+        return Ok(Some(user));
+    };
+    let wait = until.saturating_sub(now_ms());
+    if wait <= 0 {
+        return Ok(Some(user));
+    }
+    let started = tokio::time::Instant::now();
+    let step = Duration::from_millis(50);
+    let limit = Duration::from_millis(wait as u64).min(MAX_HOLD);
+    tracing::debug!(user = %user.login, wait_ms = wait, "login held while the user moves");
+    // Poll: the mover releases the hold early once the change is done.
+    loop {
+        tokio::time::sleep(step).await;
+        let Some(now) = shared.store.find_user(&user.login).await? else {
+            return Ok(None);
+        };
+        let held = now.hold_until.is_some_and(|t| t > now_ms());
+        if !held || started.elapsed() >= limit {
+            return Ok(Some(now));
+        }
     }
 }
 
@@ -121,9 +199,28 @@ async fn place(shared: &Shared, user: &User, service: Service) -> Result<Backend
         .collect();
     let chosen = rendezvous(&user.login, &candidates)
         .ok_or_else(|| RouteError::EmptyPool(user.pool.clone()))?;
-    shared.store.assign(&user.login, Some(&chosen.name)).await?;
-    tracing::info!(user = %user.login, backend = %chosen.name, "placed user");
-    Ok(chosen.clone())
+    // Another node may have placed the user at the same moment: the store
+    // keeps the first placement and both nodes use it.
+    let placed = shared.store.place(&user.login, &chosen.name).await?;
+    if placed == chosen.name {
+        tracing::info!(user = %user.login, backend = %chosen.name, "placed user");
+        return Ok(chosen.clone());
+    }
+    Ok(shared.store.backend(&placed).await?)
+}
+
+/// The user's fallback, when a login at `failed` could not connect and the
+/// fallback is usable; never any other backend.
+pub async fn fallback_after(
+    shared: &Shared,
+    user: &User,
+    service: Service,
+    failed: &str,
+) -> Option<Backend> {
+    let name = user.fallback.as_deref().filter(|f| *f != failed)?;
+    let fb = shared.store.backend(name).await.ok()?;
+    (serves(&fb, service) && fb.state != BackendState::Disabled && shared.health.is_up(&fb.name))
+        .then_some(fb)
 }
 
 /// Weighted rendezvous (highest random weight) choice: each backend scores

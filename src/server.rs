@@ -87,13 +87,13 @@ impl Shared {
         );
         Ok(Shared {
             backend_tls: BackendTls::new(config.backends.ca.clone()),
+            health: HealthMap::new(config.health.down_after),
             config,
             store,
             auth,
             acceptor,
             master,
             sessions: Registry::default(),
-            health: HealthMap::default(),
             submission: Default::default(),
             next_id: AtomicU64::new(1),
         })
@@ -104,6 +104,10 @@ impl Shared {
 pub async fn run(config: Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::new(config).await?);
     crate::smtp::pool::start(&shared);
+    crate::health::start(&shared);
+    crate::follow::start(&shared)
+        .await
+        .context("reading the store's change feed")?;
     let limit = Arc::new(Semaphore::new(shared.config.limits.max_connections));
     let mut bound = serde_json::Map::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -120,6 +124,20 @@ pub async fn run(config: Config, ready_file: Option<&Path>) -> anyhow::Result<()
             Arc::new(l.clone()),
             limit.clone(),
         ));
+    }
+    if let Some(admin) = &shared.config.admin {
+        let socket = TcpListener::bind(admin.address)
+            .await
+            .with_context(|| format!("admin endpoint: binding {}", admin.address))?;
+        let addr = socket.local_addr()?;
+        info!(%addr, "admin endpoint listening");
+        bound.insert("admin".into(), addr.to_string().into());
+        let shared = shared.clone();
+        tasks.spawn(async move {
+            if let Err(e) = crate::admin::serve(shared, socket).await {
+                tracing::error!(error = %e, "admin endpoint failed");
+            }
+        });
     }
     if let Some(path) = ready_file {
         std::fs::write(path, serde_json::Value::Object(bound).to_string())

@@ -118,6 +118,8 @@ pub enum Change {
     Removed,
     /// The user's backend assignment changed.
     Moved,
+    /// A server placed an unassigned user (nothing to end).
+    Placed,
     Fallback,
     Alias,
     Note,
@@ -127,13 +129,14 @@ pub enum Change {
     Drain,
 }
 
-const CHANGES: [(Change, &str); 11] = [
+const CHANGES: [(Change, &str); 12] = [
     (Change::UserAdded, "user.added"),
     (Change::Password, "user.password"),
     (Change::Disabled, "user.disabled"),
     (Change::Enabled, "user.enabled"),
     (Change::Removed, "user.removed"),
     (Change::Moved, "user.moved"),
+    (Change::Placed, "user.placed"),
     (Change::Fallback, "user.fallback"),
     (Change::Alias, "user.alias"),
     (Change::Note, "user.note"),
@@ -280,6 +283,50 @@ impl Store {
         self.event(Change::UserAdded, &login, None).await
     }
 
+    /// Adds many users in one transaction: all or none.
+    pub async fn add_users(
+        &self,
+        users: &[(String, String)],
+        backend: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let backend_id = match backend {
+            Some(name) => Some(self.backend(name).await?.id),
+            None => None,
+        };
+        let mut logins = Vec::with_capacity(users.len());
+        for (login, _) in users {
+            let login = canonical_login(login);
+            validate_login(&login)?;
+            if self.find_user(&login).await?.is_some() || logins.contains(&login) {
+                return Err(StoreError::Exists(login));
+            }
+            logins.push(login);
+        }
+        let t = now();
+        let mut tx = self.pool.begin().await?;
+        for (login, (_, hash)) in logins.iter().zip(users) {
+            sqlx::query(
+                "INSERT INTO users (login, password_hash, backend_id, created_at, updated_at) \
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(login)
+            .bind(hash)
+            .bind(backend_id)
+            .bind(t)
+            .bind(t)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("INSERT INTO events (kind, subject, at) VALUES (?, ?, ?)")
+                .bind(Change::UserAdded.as_str())
+                .bind(login)
+                .bind(t)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Runs `set` (an SQL assignment list) on one user, bumps its version
     /// and records the change in the feed.
     async fn update_user(
@@ -334,6 +381,28 @@ impl Store {
         };
         self.update_user(login, "backend_id = ?", Value::Int(id), Change::Moved)
             .await
+    }
+
+    /// Records a placement unless the user was assigned meanwhile; returns
+    /// the backend the user is assigned to now.
+    pub async fn place(&self, login: &str, backend: &str) -> Result<String, StoreError> {
+        let user = self.user(login).await?;
+        let id = self.backend(backend).await?.id;
+        let done = sqlx::query(
+            "UPDATE users SET backend_id = ?, updated_at = ? WHERE id = ? AND backend_id IS NULL",
+        )
+        .bind(id)
+        .bind(now())
+        .bind(user.id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 1 {
+            self.event(Change::Placed, &user.login, Some(backend))
+                .await?;
+        }
+        let now = self.user(login).await?;
+        now.backend
+            .ok_or_else(|| StoreError::Invalid(format!("{login} lost its placement")))
     }
 
     pub async fn set_fallback(&self, login: &str, backend: Option<&str>) -> Result<(), StoreError> {

@@ -20,9 +20,11 @@ fn example_config_loads() {
 #[test]
 fn bad_configs_name_the_key() {
     let expected = [
+        ("admin_not_loopback.toml", "admin.address"),
         ("bad_address.toml", "address"),
         ("bad_duration.toml", "failure_delay"),
         ("bad_protocol.toml", "protocol"),
+        ("health_down_after_zero.toml", "health.down_after"),
         ("idle_timeout_short.toml", "limits.idle_timeout"),
         ("master_without_password.toml", "backends.master_user"),
         ("tls_without_cert.toml", "listener[0].tls"),

@@ -386,13 +386,13 @@ impl Front {
     async fn login(
         &mut self,
         tag: &str,
-        user: &[u8],
+        user_name: &[u8],
         password: Secret<Vec<u8>>,
     ) -> Result<Next, Stop> {
         if !self.login_allowed() {
             return self.privacy_required(tag).await;
         }
-        let verdict = match self.shared.auth.check(user, &password).await {
+        let verdict = match self.shared.auth.check(user_name, &password).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "store unavailable");
@@ -401,34 +401,54 @@ impl Front {
         };
         let user = match verdict {
             Verdict::Accepted(u) => u,
-            Verdict::Rejected => return self.rejected(tag, user).await,
+            Verdict::Rejected => return self.rejected(tag, user_name).await,
         };
         tracing::Span::current().record("user", user.login.as_str());
-        let backend = match route::backend_for(&self.shared, &user, route::Service::Imap).await {
+        let user = match route::after_hold(&self.shared, *user).await {
+            Ok(Some(u)) => u,
+            Ok(None) => return self.rejected(tag, user_name).await,
+            Err(e) => {
+                tracing::error!(error = %e, "store unavailable");
+                return self.unavailable(tag).await;
+            }
+        };
+        let mut backend = match route::backend_for(&self.shared, &user, route::Service::Imap).await
+        {
             Ok(b) => b,
             Err(e) => {
                 log_route_error(&user, &e);
                 return self.unavailable(tag).await;
             }
         };
-        tracing::Span::current().record("backend", backend.name.as_str());
-        match self.backend_login(&backend, &user, &password).await? {
-            Ok(logged_in) => {
-                self.shared.health.report(&backend.name, true);
-                let text = format!(
-                    "{tag} OK [CAPABILITY {}] Logged in\r\n",
-                    logged_in.capabilities
-                );
-                self.send(text.as_bytes()).await?;
-                info!("logged in");
-                Ok(Next::Relay(Box::new((logged_in, *user, backend))))
-            }
-            Err(e) => {
-                warn!(backend = %backend.name, error = %e, "backend login failed");
-                if e.is_down() {
-                    self.shared.health.report(&backend.name, false);
+        loop {
+            tracing::Span::current().record("backend", backend.name.as_str());
+            let e = match self.backend_login(&backend, &user, &password).await? {
+                Ok(logged_in) => {
+                    self.shared.health.report(&backend.name, true);
+                    let text = format!(
+                        "{tag} OK [CAPABILITY {}] Logged in\r\n",
+                        logged_in.capabilities
+                    );
+                    self.send(text.as_bytes()).await?;
+                    info!("logged in");
+                    return Ok(Next::Relay(Box::new((logged_in, user, backend))));
                 }
-                self.unavailable(tag).await
+                Err(e) => e,
+            };
+            warn!(backend = %backend.name, error = %e, "backend login failed");
+            if !e.is_down() {
+                return self.unavailable(tag).await;
+            }
+            self.shared.health.report(&backend.name, false);
+            // Could not reach it: the fallback, if usable, at once.
+            match route::fallback_after(&self.shared, &user, route::Service::Imap, &backend.name)
+                .await
+            {
+                Some(fb) => {
+                    info!(from = %backend.name, to = %fb.name, "trying the fallback backend");
+                    backend = fb;
+                }
+                None => return self.unavailable(tag).await,
             }
         }
     }

@@ -392,10 +392,16 @@ impl Dovecot {
         // End of file on the supervisor's stdin makes it send SIGTERM.
         drop(child.stdin.take());
         self.skip_final_pause(&mut child);
-        if wait_for_exit(&mut child, STOP_TIMEOUT).is_none() {
+        let stopped = wait_for_exit(&mut child, STOP_TIMEOUT).is_some();
+        if !stopped {
             self.kill_master();
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // A mail process the master did not take down (seen with IDLE
+        // sessions) would keep its client connected to a "stopped" server.
+        self.kill_leftovers();
+        if !stopped {
             return Err(format!("dovecot did not stop within {STOP_TIMEOUT:?}"));
         }
         Ok(())
@@ -425,6 +431,14 @@ impl Dovecot {
         let pid = read_lossy(&self.layout.base_dir().join("master.pid"));
         let pid = pid.trim();
         (!pid.is_empty()).then(|| pid.to_string())
+    }
+
+    /// SIGKILLs every process left of this instance (they carry its name).
+    fn kill_leftovers(&self) {
+        let pattern = format!("^dovecot-{}/", self.layout.instance());
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &pattern])
+            .status();
     }
 
     /// SIGKILLs the master (if it still runs).

@@ -100,6 +100,9 @@ impl Shared {
     }
 }
 
+/// How long a stopping server waits for its sessions' farewells.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs the server until the process is stopped.
 pub async fn run(config: Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::new(config).await?);
@@ -145,7 +148,16 @@ pub async fn run(config: Config, ready_file: Option<&Path>) -> anyhow::Result<()
     }
     tokio::select! {
         _ = tasks.join_next() => anyhow::bail!("a listener stopped"),
-        _ = shutdown_signal() => info!("stopping"),
+        _ = shutdown_signal() => {}
+    }
+    // Stop accepting, then say goodbye to every session (`* BYE`) and give
+    // the farewells a moment to go out before the process ends.
+    tasks.abort_all();
+    let n = shared.sessions.stop_all();
+    info!(sessions = n, "stopping");
+    let deadline = tokio::time::Instant::now() + STOP_GRACE;
+    while !shared.sessions.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     Ok(())
 }

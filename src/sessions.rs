@@ -50,6 +50,7 @@ pub enum Selector {
 #[derive(Default)]
 pub struct Registry {
     live: DashMap<u64, Live>,
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Removes its session from the registry when dropped.
@@ -131,6 +132,21 @@ impl Registry {
             }
             None => false,
         }
+    }
+
+    /// Ends every session because the server stops; their farewell says so.
+    pub fn stop_all(&self) -> usize {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.live.iter() {
+            s.kick.send_replace(true);
+        }
+        self.live.len()
+    }
+
+    /// Whether [`Registry::stop_all`] was called.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn len(&self) -> usize {

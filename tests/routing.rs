@@ -463,3 +463,24 @@ async fn log_in_all(usher: &Usher, users: &[String]) {
         t.await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stopping_usher_says_goodbye_to_every_session() {
+    let [imap1] = dovecots::<1>();
+    let mut usher = usher();
+    usher.add_backend("imap1", &imap1);
+    usher.add_user("alice@example.com", b"secret", "imap1");
+    usher.add_user("bob@example.com", b"hunter2", "imap1");
+    let mut alice = idling(&usher, "alice@example.com", "secret").await;
+    let mut bob = idling(&usher, "bob@example.com", "hunter2").await;
+    tokio::task::block_in_place(|| usher.stop());
+    for c in [&mut alice, &mut bob] {
+        assert!(c.closes_within(Duration::from_secs(2)).await);
+        assert!(
+            c.transcript().contains("* BYE Server shutting down"),
+            "{}",
+            c.transcript()
+        );
+    }
+    assert!(usher.log().contains("stopping"), "{}", usher.log());
+}

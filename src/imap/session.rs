@@ -516,6 +516,7 @@ impl Front {
         .await;
         let farewell: &[u8] = match end {
             End::Idle => b"* BYE Autologout; idle for too long\r\n",
+            End::Kicked if shared.sessions.stopping() => b"* BYE Server shutting down\r\n",
             End::Kicked => b"* BYE Session ended by the administrator\r\n",
             _ => b"",
         };

@@ -25,6 +25,7 @@
 //! | [`sessions`] | the registry of live sessions |
 //! | [`cli`] | the helpdesk commands (`usher user …`, `usher backend …`, `usher sessions`, `usher kick`) |
 //! | [`secret`] | values that cannot be printed |
+//! | [`fuzz`] | fuzzing entry points for the parsers of untrusted bytes (`fuzz/`, `tests/parser_fuzz.rs`) |
 
 pub mod admin;
 pub mod auth;
@@ -32,6 +33,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod follow;
+pub mod fuzz;
 pub mod health;
 pub mod imap;
 pub mod net;

@@ -109,6 +109,11 @@ pub enum UserCommand {
         /// Backend for every imported user (else placed at first login).
         #[arg(long)]
         backend: Option<String>,
+        /// Lines carry existing hashes instead of passwords (Dovecot's
+        /// `{SHA512-CRYPT}`, `{BLF-CRYPT}`, `{SSHA512}`, `{ARGON2ID}`, …);
+        /// each is rewritten as argon2id at the user's first login.
+        #[arg(long)]
+        hashed: bool,
     },
     /// Set a user's password.
     Passwd {
@@ -378,6 +383,7 @@ async fn import_users(
     config: &Config,
     store: &Store,
     backend: Option<&str>,
+    hashed: bool,
 ) -> anyhow::Result<usize> {
     let mut users = Vec::new();
     for (i, line) in std::io::stdin().lock().lines().enumerate() {
@@ -398,7 +404,14 @@ async fn import_users(
                 i + 1
             );
         }
-        let hash = hash_password(&config.auth, password.as_bytes());
+        let hash = if hashed {
+            if !crate::auth::is_supported(password) {
+                bail!("stdin line {}: not a hash scheme usher can verify", i + 1);
+            }
+            password.to_string()
+        } else {
+            hash_password(&config.auth, password.as_bytes())
+        };
         users.push((login.to_string(), hash));
     }
     store.add_users(&users, backend).await?;
@@ -455,8 +468,8 @@ async fn user(config: &Config, store: &Store, cmd: UserCommand) -> anyhow::Resul
             store.add_user(&login, &hash, backend.as_deref()).await?;
             println!("added {login}");
         }
-        UserCommand::Import { backend } => {
-            let n = import_users(config, store, backend.as_deref()).await?;
+        UserCommand::Import { backend, hashed } => {
+            let n = import_users(config, store, backend.as_deref(), hashed).await?;
             println!("added {n} user(s)");
         }
         UserCommand::Passwd { login, password } => {

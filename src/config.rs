@@ -171,6 +171,12 @@ pub struct AuthConfig {
     /// disabled and wrong-password logins so that none can be told apart.
     #[serde(with = "humantime_serde")]
     pub failure_delay: Duration,
+    /// Failed logins per client address (IPv6: per /64) and per user
+    /// within 15 minutes that cost only `failure_delay`; each one beyond
+    /// doubles the delay, up to `failure_delay_max`.
+    pub free_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub failure_delay_max: Duration,
 }
 
 impl Default for AuthConfig {
@@ -180,6 +186,8 @@ impl Default for AuthConfig {
             argon2_iterations: 2,
             argon2_parallelism: 1,
             failure_delay: Duration::from_secs(2),
+            free_failures: 3,
+            failure_delay_max: Duration::from_secs(30),
         }
     }
 }
@@ -342,6 +350,9 @@ impl Config {
         let a = &self.auth;
         if a.argon2_memory_kib < 8 * a.argon2_parallelism.max(1) {
             return bad("auth.argon2_memory_kib", "must be at least 8 × parallelism");
+        }
+        if a.failure_delay_max < a.failure_delay {
+            return bad("auth.failure_delay_max", "must be at least failure_delay");
         }
         if a.argon2_iterations == 0 {
             return bad("auth.argon2_iterations", "must be at least 1");

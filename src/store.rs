@@ -348,6 +348,25 @@ impl Store {
         self.event(change, &user.login, None).await
     }
 
+    /// Replaces `old` by `new` as the user's hash, unless the hash changed
+    /// meanwhile (a password reset wins). Not a password change: no event,
+    /// no session ends. Returns whether it was replaced.
+    pub async fn upgrade_hash(
+        &self,
+        user_id: i64,
+        old: &str,
+        new: &str,
+    ) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE users SET password_hash = ? WHERE id = ? AND password_hash = ?")
+                .bind(new)
+                .bind(user_id)
+                .bind(old)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     pub async fn set_password(&self, login: &str, password_hash: &str) -> Result<(), StoreError> {
         self.update_user(
             login,

@@ -380,6 +380,34 @@ async fn failures_look_alike() {
     c.expect("a1 OK").await;
 }
 
+/// Failures beyond the free ones from one client cost more each time,
+/// whichever user they try; a good login is not slowed.
+#[tokio::test]
+async fn repeated_failures_grow_the_delay() {
+    let w = world_with(UsherOpts {
+        failure_delay: "100ms",
+        ..UsherOpts::default()
+    });
+    let mut times = Vec::new();
+    for i in 0..5 {
+        let mut c = w.client().await;
+        let start = Instant::now();
+        c.send(format!("a1 LOGIN guess{i}@example.com wrong\r\n"))
+            .await;
+        c.expect("a1 NO [AUTHENTICATIONFAILED]").await;
+        times.push(start.elapsed());
+    }
+    // Three at the base delay, then 200 ms, then 400 ms.
+    assert!(times[2] < Duration::from_millis(190), "{times:?}");
+    assert!(times[3] >= Duration::from_millis(200), "{times:?}");
+    assert!(times[4] >= Duration::from_millis(400), "{times:?}");
+    let mut c = w.client().await;
+    let start = Instant::now();
+    c.send(b"a1 LOGIN alice@example.com secret\r\n").await;
+    c.expect("a1 OK").await;
+    assert!(start.elapsed() < Duration::from_millis(400));
+}
+
 /// Implicit TLS and STARTTLS both reach the backend.
 #[tokio::test]
 async fn tls_listeners_log_in() {
@@ -439,5 +467,75 @@ async fn passwords_never_reach_the_log() {
         common::dovecot::MASTER_PASSWORD,
     ] {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
+}
+
+/// Users imported with their existing Dovecot hashes log in with their
+/// passwords; after the first login their hash is argon2id. A bad import
+/// line names itself and adds nobody.
+#[tokio::test]
+async fn imported_legacy_hashes_log_in_and_are_rewritten() {
+    let w = world();
+    let password = "pa ss\"wörd";
+    let mut lines = String::new();
+    for (i, scheme) in ["SHA512-CRYPT", "SHA256-CRYPT", "BLF-CRYPT", "SSHA512"]
+        .iter()
+        .enumerate()
+    {
+        let out = std::process::Command::new("doveadm")
+            .args(["pw", "-s", scheme, "-p", password])
+            .output()
+            .unwrap();
+        let hash = String::from_utf8(out.stdout).unwrap();
+        lines.push_str(&format!("legacy{i}@example.com {}\n", hash.trim()));
+    }
+    let bad = format!("{lines}oops@example.com {{MD5}}nothing\n");
+    let out = w.usher.cli(
+        &["user", "import", "--hashed", "--backend", "imap1"],
+        Some(bad.as_bytes()),
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("line 5"),
+        "{out:?}"
+    );
+    assert!(!w.usher.ok(&["user", "list"], None).contains("legacy0"));
+    let out = w.usher.ok(
+        &["user", "import", "--hashed", "--backend", "imap1"],
+        Some(lines.as_bytes()),
+    );
+    assert!(out.contains("added 4 user(s)"), "{out}");
+
+    let db = w.usher.dir().join("usher.db");
+    let hash_of = |login: &str| {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(\
+                 'select password_hash from users where login=?', (sys.argv[2],)).fetchone()[0])",
+            ])
+            .arg(&db)
+            .arg(login)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    for i in 0..4 {
+        let login = format!("legacy{i}@example.com");
+        assert!(!hash_of(&login).starts_with("$argon2id$"));
+        let mut c = w.client().await;
+        c.send(format!("a1 LOGIN {login} {{{}+}}\r\n", password.len()))
+            .await;
+        c.send(password.as_bytes()).await;
+        c.send(b"\r\n").await;
+        c.expect("a1 OK").await;
+        assert!(hash_of(&login).starts_with("$argon2id$"), "{login}");
+        // And the rewritten hash still takes the same password.
+        let mut c = w.client().await;
+        c.send(format!("a1 LOGIN {login} {{{}+}}\r\n", password.len()))
+            .await;
+        c.send(password.as_bytes()).await;
+        c.send(b"\r\n").await;
+        c.expect("a1 OK").await;
     }
 }

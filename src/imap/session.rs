@@ -392,7 +392,12 @@ impl Front {
         if !self.login_allowed() {
             return self.privacy_required(tag).await;
         }
-        let verdict = match self.shared.auth.check(user_name, &password).await {
+        let verdict = match self
+            .shared
+            .auth
+            .check(user_name, &password, self.addrs.peer.ip())
+            .await
+        {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "store unavailable");

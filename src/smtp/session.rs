@@ -445,7 +445,12 @@ impl Front {
         login: &[u8],
         password: Secret<Vec<u8>>,
     ) -> Result<Next, Stop> {
-        let verdict = match self.shared.auth.check(login, &password).await {
+        let verdict = match self
+            .shared
+            .auth
+            .check(login, &password, self.addrs.peer.ip())
+            .await
+        {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "store unavailable");

@@ -5,7 +5,8 @@
 //! - `GET /sessions` — live sessions of this server, as JSON;
 //! - `POST /kick` — body `{"user": …}`, `{"backend": …}` or `{"client": …}`
 //!   (an IP address); answers `{"kicked": n}`;
-//! - `GET /health` — what this server believes of each backend.
+//! - `GET /health` — what this server believes of each backend;
+//! - `GET /metrics` — Prometheus text format (see [`crate::metrics`]).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -42,7 +43,18 @@ pub struct KickReply {
 
 /// Serves the endpoint on `listener` until the process stops.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) -> std::io::Result<()> {
+    let prometheus = crate::metrics::install();
+    let scrape_shared = shared.clone();
     let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || async move {
+                match &prometheus {
+                    Some(handle) => crate::metrics::render(&scrape_shared, handle).into_response(),
+                    None => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+                }
+            }),
+        )
         .route("/sessions", get(sessions))
         .route("/kick", post(kick))
         .route("/health", get(health))

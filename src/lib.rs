@@ -19,7 +19,8 @@
 //! | [`route`] | which backend serves a user: assignment, fallback, placement, holds, the health map |
 //! | [`health`] | the probe loop that feeds the health map |
 //! | [`follow`] | the change-feed follower: store changes end sessions, drains |
-//! | [`admin`] | the token-protected loopback HTTP endpoint (sessions, kicks, health) |
+//! | [`admin`] | the token-protected loopback HTTP endpoint (sessions, kicks, health, metrics) |
+//! | [`metrics`] | Prometheus counters and gauges |
 //! | [`backend`] | reaching a backend: connect, TLS, line reads |
 //! | [`relay`] | the post-login byte pump, idle timeout, kicks, byte counts |
 //! | [`sessions`] | the registry of live sessions |
@@ -36,6 +37,7 @@ pub mod follow;
 pub mod fuzz;
 pub mod health;
 pub mod imap;
+pub mod metrics;
 pub mod net;
 pub mod relay;
 pub mod route;

@@ -279,6 +279,21 @@ async fn sessions_are_listed_and_kicked_by_user_backend_and_client() {
     assert!(line("bob@example.com").contains("imap2"), "{listing}");
     assert!(listing.contains("2 session(s)"), "{listing}");
 
+    // The same picture for Prometheus.
+    let (_c, reply) = login(&usher, "alice@example.com", "wrong").await;
+    assert!(reply.starts_with("a NO"), "{reply}");
+    let metrics = reqwest_like_get(&admin, "/metrics", TOKEN);
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    for want in [
+        "usher_sessions 2",
+        "usher_logins_total{protocol=\"imap\",outcome=\"ok\"} 2",
+        "usher_logins_total{protocol=\"imap\",outcome=\"rejected\"} 1",
+        "usher_backend_up{backend=\"imap1\"} 1",
+    ] {
+        assert!(metrics.contains(want), "{want} missing from:\n{metrics}");
+    }
+    assert!(reqwest_like_get(&admin, "/metrics", "").starts_with("HTTP/1.1 401"));
+
     assert!(cli(&["kick", "--backend", "imap1"]).contains("ended 1 session"));
     assert!(alice.closes_within(Duration::from_secs(1)).await);
     assert!(alice.transcript().contains("* BYE"));

@@ -26,6 +26,7 @@ use super::parse::{
     frame, line_len, parse_command, parse_sasl_line, split_plain, trim_eol, Command, CommandKind,
     Frame, FrameLimits, Mechanism, ParseError, SaslLine,
 };
+use crate::metrics::{self, Outcome};
 use crate::auth::Verdict;
 use crate::backend::{BackendError, ClientAddrs};
 use crate::config::TlsMode;
@@ -368,6 +369,7 @@ impl Front {
     /// A failed login: the same answer for every reason (RFC 5530).
     async fn rejected(&mut self, tag: &str, user: &[u8]) -> Result<Next, Stop> {
         info!(user = %String::from_utf8_lossy(user), "authentication failed");
+        metrics::login("imap", Outcome::Rejected);
         self.failures += 1;
         self.send(format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n").as_bytes())
             .await?;
@@ -378,6 +380,7 @@ impl Front {
     }
 
     async fn unavailable(&mut self, tag: &str) -> Result<Next, Stop> {
+        metrics::login("imap", Outcome::Unavailable);
         let text = format!("{tag} NO [UNAVAILABLE] Account is temporarily unavailable.\r\n");
         self.send(text.as_bytes()).await?;
         Ok(Next::Continue)
@@ -436,6 +439,7 @@ impl Front {
                     );
                     self.send(text.as_bytes()).await?;
                     info!("logged in");
+                    metrics::login("imap", Outcome::Ok);
                     return Ok(Next::Relay(Box::new((logged_in, user, backend))));
                 }
                 Err(e) => e,
@@ -529,7 +533,9 @@ impl Front {
             let _ = client.write_all(farewell).await;
         }
         let _ = client.shutdown().await;
-        Summary::from_counters(&counters, end)
+        let summary = Summary::from_counters(&counters, end);
+        metrics::session_ended("imap", summary.up, summary.down);
+        summary
     }
 }
 

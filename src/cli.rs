@@ -23,7 +23,7 @@ use crate::store::{BackendFields, BackendState, Change, Store};
 #[command(
     name = "usher",
     version,
-    about = "IMAP front-end proxy: one front door for many mail backends"
+    about = "IMAP and submission front-end proxy: one front door for many mail backends"
 )]
 pub struct Cli {
     /// Configuration file.

@@ -31,11 +31,25 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Events older than this are deleted (by whichever server gets there).
+const KEEP_EVENTS: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often a server prunes.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 async fn follow(shared: Arc<Shared>, mut last: i64) {
     let mut tick = tokio::time::interval(shared.config.store.follow_interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut pruned = tokio::time::Instant::now();
     loop {
         tick.tick().await;
+        if pruned.elapsed() >= PRUNE_EVERY {
+            pruned = tokio::time::Instant::now();
+            match shared.store.prune_events(KEEP_EVENTS).await {
+                Ok(n) if n > 0 => info!(events = n, "pruned the change feed"),
+                Ok(_) => {}
+                Err(e) => error!(error = %e, "cannot prune the change feed"),
+            }
+        }
         match shared.store.events_since(last).await {
             Ok(events) => {
                 for event in events {

@@ -607,6 +607,17 @@ impl Store {
             .collect())
     }
 
+    /// Deletes events older than `age`; returns how many. Followers only
+    /// read forward from where they are, so old entries serve nobody.
+    pub async fn prune_events(&self, age: std::time::Duration) -> Result<u64, StoreError> {
+        let cutoff = now() - age.as_secs() as i64;
+        let done = sqlx::query("DELETE FROM events WHERE at < ?")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     /// The newest event id, where a follower starts.
     pub async fn last_event(&self) -> Result<i64, StoreError> {
         let id: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM events")
@@ -845,5 +856,51 @@ mod tests {
         };
         let err = s.add_backend("b1", &f).await.unwrap_err().to_string();
         assert!(err.contains("tls"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn placement_keeps_the_first_and_the_feed_prunes_old_entries() {
+        let (s, _d) = store().await;
+        for b in ["b1", "b2"] {
+            let f = BackendFields {
+                host: Some("h".into()),
+                imap_port: Some(143),
+                ..Default::default()
+            };
+            s.add_backend(b, &f).await.unwrap();
+        }
+        s.add_user("u@example.com", "x", None).await.unwrap();
+        assert_eq!(s.place("u@example.com", "b1").await.unwrap(), "b1");
+        // A second node placing at the same time gets the first placement.
+        assert_eq!(s.place("u@example.com", "b2").await.unwrap(), "b1");
+        let events = s.events_since(0).await.unwrap();
+        let placed: Vec<_> = events
+            .iter()
+            .filter(|e| e.change == Some(Change::Placed))
+            .collect();
+        assert_eq!(placed.len(), 1);
+        assert!(!Change::Placed.ends_sessions());
+
+        let before = events.len() as u64;
+        assert_eq!(
+            s.prune_events(std::time::Duration::from_secs(60))
+                .await
+                .unwrap(),
+            0
+        );
+        sqlx::query("UPDATE events SET at = at - 120")
+            .execute(&s.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.prune_events(std::time::Duration::from_secs(60))
+                .await
+                .unwrap(),
+            before
+        );
+        // The feed goes on from where it was.
+        s.set_note("u@example.com", Some("n")).await.unwrap();
+        let last = events.last().unwrap().id;
+        assert_eq!(s.events_since(last).await.unwrap().len(), 1);
     }
 }

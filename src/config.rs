@@ -112,6 +112,15 @@ pub struct ListenerConfig {
     /// design's security rules; turn on only for trusted local networks.
     #[serde(default)]
     pub plaintext_auth: bool,
+    /// Expect a PROXY protocol header (v1 or v2) from the peers listed in
+    /// `trusted_proxies`: from them it is required, as the first bytes and
+    /// before TLS; other peers are served as direct clients and a header
+    /// from them is never honoured.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Networks of the load balancers whose PROXY headers are believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<crate::proxy_header::Network>,
 }
 
 /// Limits that bound what a client may cost before and after login.
@@ -311,6 +320,18 @@ impl Config {
             }
             if l.tls != TlsMode::None && self.tls.is_none() {
                 return bad(&key("tls"), "needs a [tls] section with cert and key");
+            }
+            if l.proxy_protocol && l.trusted_proxies.is_empty() {
+                return bad(
+                    &key("trusted_proxies"),
+                    "proxy_protocol needs at least one trusted network",
+                );
+            }
+            if !l.proxy_protocol && !l.trusted_proxies.is_empty() {
+                return bad(
+                    &key("proxy_protocol"),
+                    "trusted_proxies is set but proxy_protocol is off",
+                );
             }
         }
         let limits = &self.limits;

@@ -11,6 +11,7 @@
 //! | --- | --- |
 //! | [`config`] | the TOML file, its validation, defaults with reasons |
 //! | [`server`] | listeners, accept, connection limits, the per-connection span |
+//! | [`proxy_header`] | inbound PROXY protocol v1/v2 from trusted load balancers, read before TLS |
 //! | [`net`] | cleartext/TLS streams and TLS set-up |
 //! | [`imap`] | the IMAP pre-login server ([`imap::session`]), its pure wire parser ([`imap::parse`]) and the backend client ([`imap::backend`]) |
 //! | [`smtp`] | the submission pre-AUTH server ([`smtp::session`]), its pure wire parser ([`smtp::parse`]), the backend client ([`smtp::backend`]) and the choice of backend ([`smtp::pool`]) |
@@ -39,6 +40,7 @@ pub mod health;
 pub mod imap;
 pub mod metrics;
 pub mod net;
+pub mod proxy_header;
 pub mod relay;
 pub mod route;
 pub mod secret;

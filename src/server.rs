@@ -195,7 +195,9 @@ async fn accept_loop(
         let span = info_span!(
             "conn",
             id,
-            client.addr = %peer,
+            // Recorded in `connection`: a PROXY header may name another.
+            client.addr = tracing::field::Empty,
+            proxy.addr = tracing::field::Empty,
             listener = %listener.name,
             user = tracing::field::Empty,
             backend = tracing::field::Empty,
@@ -225,7 +227,7 @@ async fn refuse(mut tcp: TcpStream, protocol: Protocol, peer: SocketAddr) {
 
 async fn connection(
     shared: Arc<Shared>,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     listener: Arc<ListenerConfig>,
     id: u64,
@@ -237,6 +239,13 @@ async fn connection(
         Ok(a) => a,
         Err(_) => return,
     };
+    let socket = ClientAddrs { peer, local };
+    let limit = shared.config.limits.prelogin_timeout;
+    let addrs = match crate::proxy_header::receive(&mut tcp, socket, &listener, limit).await {
+        Ok(addrs) => addrs,
+        Err(e) => return crate::proxy_header::refuse(tcp, listener.protocol, e).await,
+    };
+    crate::proxy_header::record(&tracing::Span::current(), socket, addrs);
     let stream = match listener.tls {
         TlsMode::Implicit => {
             let Some(acceptor) = shared.acceptor.clone() else {
@@ -257,7 +266,7 @@ async fn connection(
     let conn = Conn {
         id,
         stream,
-        addrs: ClientAddrs { peer, local },
+        addrs,
         listener: listener.clone(),
     };
     let summary = match listener.protocol {

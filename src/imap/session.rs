@@ -26,10 +26,10 @@ use super::parse::{
     frame, line_len, parse_command, parse_sasl_line, split_plain, trim_eol, Command, CommandKind,
     Frame, FrameLimits, Mechanism, ParseError, SaslLine,
 };
-use crate::metrics::{self, Outcome};
 use crate::auth::Verdict;
 use crate::backend::{BackendError, ClientAddrs};
 use crate::config::TlsMode;
+use crate::metrics::{self, Outcome};
 use crate::net::Stream;
 use crate::relay::{self, End, Relay};
 use crate::route::{self, RouteError};

@@ -47,6 +47,12 @@ impl Client {
         Client::new(tls(tcp).await)
     }
 
+    /// A client on a connection the test opened itself (e.g. from a
+    /// chosen source address).
+    pub fn from_tcp(tcp: TcpStream) -> Client {
+        Client::new(Stream::Plain(tcp))
+    }
+
     fn new(stream: Stream) -> Client {
         Client {
             stream,

@@ -9,9 +9,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
+
+/// Longest a refused client is read from after usher's farewell line.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Most bytes a refused client may still send before usher stops reading.
+const LINGER_BYTES: usize = 256 * 1024;
 
 /// A TCP connection, cleartext or inside TLS (either side of it).
 pub enum Stream {
@@ -23,6 +31,26 @@ pub enum Stream {
 impl Stream {
     pub fn is_tls(&self) -> bool {
         !matches!(self, Stream::Plain(_))
+    }
+
+    /// Ends a session that usher refused: shuts the sending side (after the
+    /// farewell line was written), then reads and drops what the client is
+    /// still sending, for at most [`LINGER`] and [`LINGER_BYTES`]. Closing
+    /// with unread input would make the kernel answer with a reset, and a
+    /// reset can destroy the farewell line before the client reads it.
+    pub async fn linger_close(&mut self) {
+        let _ = self.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let mut left = LINGER_BYTES;
+        let drain = async {
+            while left > 0 {
+                match self.read(&mut sink).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
     }
 
     /// The TCP socket underneath.

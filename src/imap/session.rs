@@ -133,7 +133,7 @@ impl Front {
     /// Says goodbye and ends the session.
     async fn bye(&mut self, text: &str) -> Stop {
         let _ = self.send(format!("* BYE {text}\r\n").as_bytes()).await;
-        let _ = self.stream.shutdown().await;
+        self.stream.linger_close().await;
         Stop::Closed
     }
 

@@ -81,21 +81,20 @@ pub mod reply {
     impl Closing {
         /// The whole `421` line, naming usher's `hostname`.
         pub fn line(self, hostname: &str) -> String {
-            let (code, text) = match self {
-                Closing::Timeout => ("4.4.2", "Error: timeout exceeded"),
-                Closing::TooManyErrors => ("4.7.0", "Error: too many errors, closing connection"),
-                Closing::TooManyFailures => (
-                    "4.7.0",
-                    "Error: too many authentication failures, closing connection",
-                ),
-                Closing::LineTooLong => ("4.7.0", "Error: line too long, closing connection"),
-                Closing::Unsynchronised => {
-                    ("4.7.0", "Error: unreadable BDAT size, closing connection")
+            let text = match self {
+                Closing::Timeout => "Error: timeout exceeded",
+                Closing::TooManyErrors => "Error: too many errors, closing connection",
+                Closing::TooManyFailures => {
+                    "Error: too many authentication failures, closing connection"
                 }
-                Closing::Idle => ("4.4.2", "Error: idle timeout, closing connection"),
-                Closing::Kicked => ("4.4.2", "Session ended by the administrator, closing"),
+                Closing::LineTooLong => "Error: line too long, closing connection",
+                Closing::Unsynchronised => "Error: unreadable BDAT size, closing connection",
+                Closing::Idle => "Error: idle timeout, closing connection",
+                Closing::Kicked => "Session ended by the administrator, closing",
             };
-            format!("421 {code} {hostname} {text}\r\n")
+            // One enhanced code for every close: the session ended at a
+            // time or size limit and the client may retry (RFC 3463 X.4.2).
+            format!("421 4.4.2 {hostname} {text}\r\n")
         }
     }
 

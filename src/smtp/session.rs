@@ -166,7 +166,7 @@ impl Front {
         debug!(reason = ?why, "closing");
         let line = why.line(self.hostname());
         let _ = self.send(line.as_bytes()).await;
-        let _ = self.stream.shutdown().await;
+        self.stream.linger_close().await;
         Stop::Closed
     }
 

@@ -1,6 +1,8 @@
 //! The `usher` binary: parses the command line, loads the configuration,
 //! sets up logging and runs the chosen command.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -25,6 +27,8 @@ fn main() -> std::process::ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in log files.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()

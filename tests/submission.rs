@@ -4,12 +4,13 @@
 //! `Received:` header); every reply after AUTH is the backend's.
 //!
 //! Cases from ../shared/cases/submission.md: C20 (pipelining across AUTH),
-//! C33 (BDAT after AUTH), C34 (8BITMIME / SMTPUTF8 as the backends offer
+//! C28 (malformed backend replies), C33 (BDAT after AUTH), C34 (8BITMIME / SMTPUTF8 as the backends offer
 //! them); from hostile-and-forwarding.md C30 against a real XCLIENT.
 //! Also the honest EHLO, backend selection and the failure replies.
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::dovecot::{Dovecot, DovecotOpts};
@@ -791,4 +792,61 @@ async fn wrong_credentials_get_535_after_the_delay() {
     assert!(bye.starts_with("421 4.4.2 usher.test"), "{bye}");
     assert!(c.closes_within(Duration::from_secs(5)).await);
     assert!(!w.dovecot.log().contains("Login: user="));
+}
+
+/// Case C28: a backend whose replies are multi-line where usher expects one
+/// line, endless, or shorter than a reply code. Each costs the client one
+/// `454`, never a panic or unbounded memory, and usher goes on serving.
+#[tokio::test]
+async fn malformed_backend_replies_give_one_454() {
+    let accepting = SmtpScript::accepting();
+    let scripts = [
+        (
+            "two-line greeting, two-line 535",
+            SmtpScript {
+                greeting: "220-backend.example.com ESMTP\r\n220 second greeting line\r\n".into(),
+                auth: "535-5.7.8 first line\r\n535 5.7.8 Authentication failed\r\n".into(),
+                ..accepting.clone()
+            },
+        ),
+        (
+            "endless EHLO",
+            SmtpScript {
+                ehlo: "250-x\r\n".repeat(100_000),
+                ..accepting.clone()
+            },
+        ),
+        (
+            "short AUTH reply",
+            SmtpScript {
+                auth: "25\r\n".into(),
+                ..accepting.clone()
+            },
+        ),
+        (
+            "mixed codes",
+            SmtpScript {
+                auth: "235-2.7.0 fine\r\n535 5.7.8 not fine\r\n".into(),
+                ..accepting.clone()
+            },
+        ),
+    ];
+    for (what, script) in scripts {
+        let fake = FakeSmtp::start(script);
+        let usher = Usher::start(UsherOpts::default());
+        usher.add_submission_backend("odd", fake.port, &[]);
+        add_case_users(&usher);
+        for attempt in 0..2 {
+            let (mut c, _) = open_starttls(usher.addr("submission")).await;
+            let r = auth_plain(&mut c, "alice@example.com", "secret").await;
+            assert_eq!(
+                r,
+                ["454 4.7.0 Temporary authentication failure"],
+                "{what}, attempt {attempt}"
+            );
+        }
+        assert!(fake.accepted.load(Ordering::SeqCst) >= 1, "{what}");
+        let log = usher.log();
+        assert!(!log.contains("panicked"), "{what}:\n{log}");
+    }
 }

@@ -4,8 +4,8 @@
 //! `Received:` header); every reply after AUTH is the backend's.
 //!
 //! Cases from ../shared/cases/submission.md: C20 (pipelining across AUTH),
-//! C28 (malformed backend replies), C33 (BDAT after AUTH), C34 (8BITMIME / SMTPUTF8 as the backends offer
-//! them); from hostile-and-forwarding.md C30 against a real XCLIENT.
+//! C28 (malformed backend replies), C33 (BDAT after AUTH), C34 (8BITMIME /
+//! SMTPUTF8 as the backends offer them); from hostile-and-forwarding.md C30 against a real XCLIENT.
 //! Also the honest EHLO, backend selection and the failure replies.
 
 mod common;

@@ -19,6 +19,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -126,6 +127,27 @@ fn b64_decode(value: &Value) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(text)
         .expect("valid base64 in the report")
+}
+
+/// Where `got` first departs from `want`, with some context, for failure
+/// messages about large messages.
+fn first_difference(got: &[u8], want: &[u8]) -> String {
+    let at = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    let around = |bytes: &[u8]| {
+        let from = at.saturating_sub(80);
+        String::from_utf8_lossy(&bytes[from..bytes.len().min(at + 80)]).into_owned()
+    };
+    format!(
+        "{} octets, expected {}; first difference at octet {at}:\n got: {:?}\nwant: {:?}",
+        got.len(),
+        want.len(),
+        around(got),
+        around(want)
+    )
 }
 
 /// `bytes` with every CRLF turned into LF: how Dovecot's Maildir stores a
@@ -397,4 +419,439 @@ fn imaplib_literal_login_with_wrong_password_is_refused() {
     );
     assert!(w.stored_messages().is_empty());
     assert!(!w.home.log().contains("Login: user=<"), "{}", w.home.log());
+}
+
+// ---------------------------------------------------------------------
+// IMAP: mbsync
+
+/// How many messages the mbsync tests sync.
+const MBSYNC_MESSAGES: usize = 120;
+
+/// The index of the message with the multi-megabyte attachment.
+const BIG_ONE: usize = 57;
+
+/// One message of the generated Maildir.
+#[derive(Clone)]
+struct Generated {
+    /// `<mbsync-NNN@usher.test>`, unique: how copies are matched up.
+    message_id: String,
+    /// The file's exact bytes (LF line ends, as Maildir keeps them).
+    bytes: Vec<u8>,
+    /// Maildir flags (`:2,` info, letters sorted); `None` for a message
+    /// in `new/`.
+    flags: Option<&'static str>,
+}
+
+/// A deterministic stream of pseudo-random octets (xorshift64).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Base64 in lines of 76 characters, LF-terminated.
+fn base64_lines(data: &[u8]) -> String {
+    let text = base64::engine::general_purpose::STANDARD.encode(data);
+    let mut out = String::with_capacity(text.len() + text.len() / 76 + 1);
+    for chunk in text.as_bytes().chunks(76) {
+        out.push_str(std::str::from_utf8(chunk).unwrap());
+        out.push('\n');
+    }
+    out
+}
+
+/// Message `i` of the generated Maildir: plain ASCII, 8-bit UTF-8 and
+/// Latin-1 bodies, raw UTF-8 and encoded-word headers, folded headers,
+/// multipart/alternative, multipart/mixed with a small attachment, lines
+/// starting with a dot or `From `, bodies from empty to tens of kilobytes;
+/// message [`BIG_ONE`] carries a 3 MiB base64 attachment.
+fn generated_message(i: usize) -> Generated {
+    let message_id = format!("<mbsync-{i:03}@usher.test>");
+    let date = format!(
+        "Date: {}, {:02} Nov 2026 {:02}:{:02}:{:02} +0100\n",
+        ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"][i % 7],
+        i % 28 + 1,
+        i % 24,
+        (i * 7) % 60,
+        (i * 13) % 60
+    );
+    let mut head = format!(
+        "From: Sender {i} <sender{i}@example.net>\nTo: {USER}\n{date}Message-ID: {message_id}\n"
+    );
+    let lines = (i * 37) % 300;
+    let body = match i % 8 {
+        0 => {
+            head.push_str(&format!("Subject: plain ascii {i}\n"));
+            (0..lines)
+                .map(|n| format!("line {n} of message {i}\n"))
+                .collect()
+        }
+        1 => {
+            head.push_str(&format!(
+                "Subject: =?UTF-8?Q?Gr=C3=BC=C3=9Fe_{i}?=\nMIME-Version: 1.0\n\
+                 Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n"
+            ));
+            (0..lines)
+                .map(|n| format!("{n}: K\u{f6}ln \u{20ac} \u{1f4ec} \u{65e5}\u{672c}\n"))
+                .collect()
+        }
+        2 => {
+            // Raw UTF-8 in headers (RFC 6532) and a long folded header.
+            head.push_str(&format!(
+                "Subject: r\u{e9}sum\u{e9} \u{2013} {i}\nX-Long: {}\n",
+                (0..30)
+                    .map(|n| format!("word{n}"))
+                    .collect::<Vec<_>>()
+                    .join("\n\t")
+            ));
+            format!(".\n.leading dot\n..two dots\nFrom the start of a line\n{i}\n")
+        }
+        3 => {
+            head.push_str(&format!(
+                "Subject: alternative {i}\nMIME-Version: 1.0\n\
+                 Content-Type: multipart/alternative; boundary=\"alt-{i}\"\n"
+            ));
+            format!(
+                "This is a multi-part message in MIME format.\n\n--alt-{i}\n\
+                 Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n\
+                 Plain caf\u{e9} {i}\n\n--alt-{i}\nContent-Type: text/html; charset=utf-8\n\
+                 Content-Transfer-Encoding: quoted-printable\n\n\
+                 <p>caf=C3=A9 {i}</p>=\n\n--alt-{i}--\n"
+            )
+        }
+        4 => {
+            head.push_str(&format!(
+                "Subject: with attachment {i}\nMIME-Version: 1.0\n\
+                 Content-Type: multipart/mixed; boundary=\"mix-{i}\"\n"
+            ));
+            format!(
+                "--mix-{i}\nContent-Type: text/plain\n\nsee attached\n\n--mix-{i}\n\
+                 Content-Type: application/octet-stream; name=\"blob{i}.bin\"\n\
+                 Content-Transfer-Encoding: base64\n\
+                 Content-Disposition: attachment; filename=\"blob{i}.bin\"\n\n{}\
+                 --mix-{i}--\n",
+                base64_lines(&noise(100 + i * 211, i as u64))
+            )
+        }
+        5 => {
+            // Latin-1 octets that are not UTF-8.
+            head.push_str(&format!(
+                "Subject: latin-1 {i}\nContent-Type: text/plain; charset=iso-8859-1\n\
+                 Content-Transfer-Encoding: 8bit\n"
+            ));
+            let body = b"caf\xe9 na\xefve \xff\xfe\n".repeat(lines / 20 + 1);
+            return finish(message_id, head, body, i);
+        }
+        6 => {
+            head.push_str(&format!("Subject: empty body {i}\n"));
+            String::new()
+        }
+        _ => {
+            head.push_str(&format!("Subject: long lines {i}\n"));
+            (0..lines / 10 + 1)
+                .map(|n| format!("{n} {}\n", "x".repeat(900 + n)))
+                .collect()
+        }
+    };
+    finish(message_id, head, body.into_bytes(), i)
+}
+
+/// Joins header and body; picks the flags; adds the big attachment to
+/// message [`BIG_ONE`].
+fn finish(message_id: String, head: String, body: Vec<u8>, i: usize) -> Generated {
+    let mut bytes = head.into_bytes();
+    bytes.push(b'\n');
+    bytes.extend_from_slice(&body);
+    if i == BIG_ONE {
+        let blob = base64_lines(&noise(3 * 1024 * 1024, 0x5eed));
+        bytes = format!(
+            "From: big@example.net\nTo: {USER}\nMessage-ID: {message_id}\n\
+             Subject: three megabytes\nMIME-Version: 1.0\n\
+             Content-Type: multipart/mixed; boundary=\"big\"\n\n--big\n\
+             Content-Type: text/plain\n\nthe attachment follows\n\n--big\n\
+             Content-Type: application/octet-stream; name=\"big.bin\"\n\
+             Content-Transfer-Encoding: base64\n\n{blob}--big--\n"
+        )
+        .into_bytes();
+    }
+    let flags = [
+        None,
+        Some("S"),
+        Some("FS"),
+        Some("RS"),
+        Some(""),
+        Some("DS"),
+    ][i % 6];
+    Generated {
+        message_id,
+        bytes,
+        flags,
+    }
+}
+
+/// The generated messages, all of them.
+fn generated_messages() -> Vec<Generated> {
+    (0..MBSYNC_MESSAGES).map(generated_message).collect()
+}
+
+/// Writes `messages` into a new Maildir at `dir` (`cur/`, `new/`, `tmp/`).
+fn write_maildir(dir: &Path, messages: &[Generated]) {
+    for sub in ["cur", "new", "tmp"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    for (i, m) in messages.iter().enumerate() {
+        let base = format!("1796000000.M{i}P1.generated");
+        let path = match m.flags {
+            None => dir.join("new").join(base),
+            Some(flags) => dir.join("cur").join(format!("{base}:2,{flags}")),
+        };
+        std::fs::write(path, &m.bytes).unwrap();
+    }
+}
+
+/// A message file as (Message-ID, flags, bytes), the flags from its name
+/// (`None` in `new/`).
+fn read_maildir_file(path: &Path) -> (String, Option<String>, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    let in_new = path.parent().unwrap().ends_with("new");
+    let flags = match name.split_once(":2,") {
+        Some((_, flags)) => Some(flags.to_string()),
+        None if in_new => None,
+        None => Some(String::new()),
+    };
+    (message_id_of(&bytes), flags, bytes)
+}
+
+/// The Message-ID header's value of a generated message.
+fn message_id_of(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let start = text
+        .find("\nMessage-ID: ")
+        .unwrap_or_else(|| panic!("no Message-ID in {:?}", &text[..text.len().min(300)]));
+    let value = &text[start + "\nMessage-ID: ".len()..];
+    value[..value.find('\n').unwrap()].to_string()
+}
+
+/// Every message file of the Maildir at `dir` by Message-ID; panics on a
+/// duplicate.
+fn maildir_by_id(dir: &Path) -> BTreeMap<String, (Option<String>, Vec<u8>)> {
+    let mut map = BTreeMap::new();
+    for sub in ["cur", "new"] {
+        let Ok(entries) = std::fs::read_dir(dir.join(sub)) else {
+            continue;
+        };
+        for entry in entries {
+            let (id, flags, bytes) = read_maildir_file(&entry.unwrap().path());
+            assert!(
+                map.insert(id.clone(), (flags, bytes)).is_none(),
+                "{id} twice"
+            );
+        }
+    }
+    map
+}
+
+/// A temporary directory with an mbsyncrc for one channel `box` between
+/// usher's `listener` (INBOX of [`USER`]) and the Maildir `maildir`.
+fn mbsyncrc(dir: &Path, usher: &Usher, listener: &str, ssl_type: &str, maildir: &Path) -> PathBuf {
+    let text = format!(
+        "IMAPAccount usher
+Host localhost
+Port {port}
+User {USER}
+PassCmd \"printenv USHER_PASSWORD\"
+SSLType {ssl_type}
+CertificateFile {ca}
+Timeout 20
+
+IMAPStore far
+Account usher
+
+MaildirStore near
+Path {dir}/
+Inbox {maildir}
+
+Channel box
+Far :far:
+Near :near:
+Create Near
+Expunge None
+SyncState *
+",
+        port = usher.addr(listener).port(),
+        ca = example_ca_cert().display(),
+        dir = dir.display(),
+        maildir = maildir.display(),
+    );
+    let path = dir.join(format!(
+        "mbsyncrc-{}",
+        maildir.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs `mbsync -c rc <direction> box` with `password` in its environment
+/// (read by `PassCmd`); panics unless it succeeds.
+fn mbsync(rc: &Path, direction: &str, password: &str) -> Output {
+    let mut cmd = Command::new("/usr/bin/mbsync");
+    cmd.arg("-c")
+        .arg(rc)
+        .args([direction, "box"])
+        .env("HOME", rc.parent().unwrap())
+        .env("USHER_PASSWORD", password);
+    let output = run_bounded(cmd, CHILD_TIMEOUT);
+    assert!(
+        output.status.success(),
+        "mbsync {direction} failed\n{}",
+        describe(&output)
+    );
+    output
+}
+
+/// `stored` with the one `X-TUID:` line mbsync put into it taken out, and
+/// that line.
+///
+/// mbsync (isync 1.4) marks every message it copies, in either direction,
+/// with a header `X-TUID: ` followed by 12 base64 characters, inserted as
+/// the last line of the header section (after dropping any `X-TUID` the
+/// message already had), so that it can find the copy again if it does not
+/// learn its UID. So a pushed message reaches the backend with one such
+/// line, and a pulled one arrives with one (a new value). Exactly that
+/// line is removed here, and only if it has exactly that form and place;
+/// the generated messages carry no `X-TUID`, so a second one would be left
+/// in and fail the comparison.
+fn without_tuid(stored: &[u8]) -> (Vec<u8>, String) {
+    let blank = stored
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .expect("a header section ending in a blank line")
+        + 1;
+    let line_start = stored[..blank - 1]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let line = String::from_utf8_lossy(&stored[line_start..blank]).into_owned();
+    let tuid = line
+        .strip_prefix("X-TUID: ")
+        .and_then(|rest| rest.strip_suffix('\n'))
+        .unwrap_or_else(|| panic!("last header line is not an X-TUID line: {line:?}"));
+    assert!(
+        tuid.len() == 12
+            && tuid
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/'),
+        "unexpected X-TUID line {line:?}"
+    );
+    let mut rest = stored[..line_start].to_vec();
+    rest.extend_from_slice(&stored[blank..]);
+    (rest, line)
+}
+
+/// Maildir flags as letters, a message in `new/` having none.
+fn letters(flags: &Option<String>) -> &str {
+    flags.as_deref().unwrap_or("")
+}
+
+/// Checks that `copies` (a Maildir by Message-ID) holds exactly the
+/// `originals`, each as `expected(original)` with the original's flags.
+fn assert_same_messages(
+    what: &str,
+    originals: &[Generated],
+    copies: &BTreeMap<String, (Option<String>, Vec<u8>)>,
+    mut check: impl FnMut(&Generated, &[u8]),
+) {
+    let ids: Vec<&String> = copies.keys().collect();
+    let expected: Vec<&String> = originals.iter().map(|m| &m.message_id).collect();
+    assert_eq!(ids, expected, "{what}: other messages than the originals");
+    for m in originals {
+        let (flags, bytes) = &copies[&m.message_id];
+        let want = m.flags.unwrap_or("");
+        assert_eq!(letters(flags), want, "{what}: flags of {}", m.message_id);
+        check(m, bytes);
+    }
+}
+
+/// The generated Maildir, pushed up through usher's STARTTLS listener
+/// with mbsync, lands in the user's Maildir on `home` with every message
+/// and its flags; pulled down again over implicit TLS into an empty
+/// Maildir, every message is byte for byte the original. The only change
+/// on the way is mbsync's own `X-TUID:` line (see [`without_tuid`]): one
+/// on the backend's copy, one on the pulled copy.
+#[test]
+fn mbsync_round_trip_up_and_back_down_is_byte_for_byte() {
+    let w = imap_world(HARD_PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let originals = generated_messages();
+    let big = originals[BIG_ONE].bytes.len();
+    assert!(big > 4_000_000, "the big message has {big} octets");
+    let up = dir.path().join("up");
+    write_maildir(&up, &originals);
+
+    // Up: every message reaches the backend, with one X-TUID line more.
+    let rc = mbsyncrc(dir.path(), &w.usher, "imap", "STARTTLS", &up);
+    mbsync(&rc, "--push", HARD_PASSWORD);
+    assert!(w.other.message_files(USER).is_empty());
+    let stored = maildir_by_id(&w.home.maildir(USER));
+    assert_same_messages("backend", &originals, &stored, |m, bytes| {
+        let (rest, _) = without_tuid(bytes);
+        assert!(
+            rest == m.bytes,
+            "backend copy of {} differs beyond the X-TUID line: {}",
+            m.message_id,
+            first_difference(&rest, &m.bytes)
+        );
+    });
+
+    // Down: an empty Maildir receives the originals again, each with the
+    // X-TUID line of this copy in place of the upload's.
+    let down = dir.path().join("down");
+    let rc = mbsyncrc(dir.path(), &w.usher, "imaps", "IMAPS", &down);
+    mbsync(&rc, "--pull", HARD_PASSWORD);
+    let pulled = maildir_by_id(&down);
+    assert_same_messages("pulled", &originals, &pulled, |m, bytes| {
+        assert!(
+            without_tuid(bytes).0 == m.bytes,
+            "pulled copy of {} differs from the original beyond the X-TUID line: {}",
+            m.message_id,
+            first_difference(&without_tuid(bytes).0, &m.bytes)
+        );
+    });
+}
+
+/// Messages delivered straight into the backend's Maildir (no mbsync
+/// header in them), pulled with mbsync through usher's implicit-TLS
+/// listener into an empty Maildir: each arrives byte for byte, with only
+/// mbsync's `X-TUID:` line added (see [`without_tuid`]).
+#[test]
+fn mbsync_pull_of_delivered_messages_is_byte_for_byte() {
+    let w = imap_world(HARD_PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let originals: Vec<Generated> = generated_messages()
+        .into_iter()
+        .map(|m| Generated { flags: None, ..m })
+        .collect();
+    for m in &originals {
+        w.home.put_message(USER, &m.bytes);
+    }
+    let down = dir.path().join("down");
+    let rc = mbsyncrc(dir.path(), &w.usher, "imaps", "IMAPS", &down);
+    mbsync(&rc, "--pull", HARD_PASSWORD);
+    let pulled = maildir_by_id(&down);
+    assert_same_messages("pulled", &originals, &pulled, |m, bytes| {
+        let (rest, _) = without_tuid(bytes);
+        assert!(
+            rest == m.bytes,
+            "pulled copy of {} differs beyond the X-TUID line: {}",
+            m.message_id,
+            first_difference(&rest, &m.bytes)
+        );
+    });
 }

@@ -367,6 +367,31 @@ async fn untagged_capability_during_backend_login() {
     );
 }
 
+/// Dovecot with a slow auth process says `* OK Waiting for authentication
+/// process to respond..` before its real greeting: usher waits for the
+/// real one and the login goes through with the backend's capabilities.
+#[tokio::test]
+async fn extra_untagged_ok_before_the_real_greeting() {
+    let fake = FakeImap::start(Script::SlowAuth {
+        login_reply: vec!["{tag} OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in"],
+    })
+    .await;
+    let u = usher();
+    with_fake(&u, &fake);
+    let mut c = greeted(&u, "imap").await;
+    c.send(b"a1 LOGIN alice@example.com secret\r\na2 NOOP\r\n")
+        .await;
+    assert_eq!(
+        c.line().await,
+        "a1 OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in"
+    );
+    // The pipelined NOOP reached the backend after the login, once.
+    assert_eq!(c.line().await, "a2 OK done");
+    let sent = fake.received();
+    let noops = sent.iter().filter(|l| l.contains("NOOP")).count();
+    assert_eq!(noops, 1, "{sent:?}");
+}
+
 /// C27: a backend that refuses usher's login gives one temporary failure
 /// line, no backend text, and the session stays usable.
 #[tokio::test]

@@ -21,6 +21,12 @@ pub enum Script {
         id_reply: &'static str,
         login_reply: Vec<&'static str>,
     },
+    /// Like Dovecot when its auth process is slow: first an untagged
+    /// `* OK Waiting for authentication process to respond..`, the real
+    /// greeting a moment later, then as `Greet`.
+    SlowAuth {
+        login_reply: Vec<&'static str>,
+    },
 }
 
 /// A running fake backend.
@@ -72,17 +78,27 @@ impl FakeImap {
 async fn serve(tcp: tokio::net::TcpStream, script: Script, lines: Arc<Mutex<Vec<String>>>) {
     let (r, mut w) = tcp.into_split();
     let mut r = BufReader::new(r);
-    let Script::Greet {
-        id_reply,
-        login_reply,
-    } = script
-    else {
-        // Silent: read until usher hangs up.
-        let mut sink = String::new();
-        while r.read_line(&mut sink).await.is_ok_and(|n| n > 0) {
-            lines.lock().unwrap().push(std::mem::take(&mut sink));
+    let (id_reply, login_reply) = match script {
+        Script::Greet {
+            id_reply,
+            login_reply,
+        } => (id_reply, login_reply),
+        Script::SlowAuth { login_reply } => {
+            let waiting = b"* OK Waiting for authentication process to respond..\r\n";
+            if w.write_all(waiting).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            ("OK", login_reply)
         }
-        return;
+        Script::Silent => {
+            // Read until usher hangs up.
+            let mut sink = String::new();
+            while r.read_line(&mut sink).await.is_ok_and(|n| n > 0) {
+                lines.lock().unwrap().push(std::mem::take(&mut sink));
+            }
+            return;
+        }
     };
     let greeting = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN] fake ready\r\n";
     if w.write_all(greeting).await.is_err() {

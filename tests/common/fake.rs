@@ -24,9 +24,7 @@ pub enum Script {
     /// Like Dovecot when its auth process is slow: first an untagged
     /// `* OK Waiting for authentication process to respond..`, the real
     /// greeting a moment later, then as `Greet`.
-    SlowAuth {
-        login_reply: Vec<&'static str>,
-    },
+    SlowAuth { login_reply: Vec<&'static str> },
 }
 
 /// A running fake backend.

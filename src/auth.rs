@@ -297,7 +297,7 @@ impl Authenticator {
             .unwrap_or(false);
         match user {
             Some(u) if matches && u.enabled => {
-                if !is_current(&u.password_hash) {
+                if self.config.rewrite_legacy_hashes && !is_current(&u.password_hash) {
                     self.upgrade(&u, password_bytes).await;
                 }
                 Ok(Verdict::Accepted(Box::new(u)))
@@ -406,5 +406,27 @@ mod tests {
             "accentué1!".as_bytes(),
             1024
         ));
+    }
+    /// With `rewrite_legacy_hashes = false` an imported hash stays as it
+    /// is after a successful login (the cheap-hash benchmark relies on it).
+    #[tokio::test]
+    async fn legacy_hash_is_kept_when_rewriting_is_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/s.db", dir.path().display());
+        let store = Store::open(&url).await.unwrap();
+        let ssha = LEGACY[3];
+        assert!(ssha.starts_with("{SSHA512}"));
+        let user = ("alice@example.com".to_string(), ssha.to_string());
+        store.add_users(&[user], None).await.unwrap();
+        let config = AuthConfig {
+            rewrite_legacy_hashes: false,
+            ..cheap()
+        };
+        let auth = Authenticator::new(store.clone(), config, 1024);
+        let password = Secret::new("pa ss\"wörd".as_bytes().to_vec());
+        let verdict = auth.check(b"alice@example.com", &password, [127, 0, 0, 1].into());
+        assert!(matches!(verdict.await.unwrap(), Verdict::Accepted(_)));
+        let kept = store.find_user("alice@example.com").await.unwrap().unwrap();
+        assert_eq!(kept.password_hash, ssha);
     }
 }

@@ -63,6 +63,13 @@ pub struct HealthConfig {
     pub timeout: Duration,
     /// Consecutive failures (probes or real logins) that mark a backend down.
     pub down_after: u32,
+    /// A user that each IMAP probe logs in as, after the greeting, so that
+    /// a backend that still greets but cannot log anyone in (auth process
+    /// or mail storage broken) counts as down. Unset: greeting only.
+    pub test_user: Option<String>,
+    /// The test user's own password, for backends that take passthrough
+    /// logins; master-user backends are logged in to as the master user.
+    pub test_password: Option<Secret<String>>,
 }
 
 impl Default for HealthConfig {
@@ -71,6 +78,8 @@ impl Default for HealthConfig {
             interval: Duration::from_secs(5),
             timeout: Duration::from_secs(3),
             down_after: 2,
+            test_user: None,
+            test_password: None,
         }
     }
 }
@@ -186,6 +195,11 @@ pub struct AuthConfig {
     pub free_failures: u32,
     #[serde(with = "humantime_serde")]
     pub failure_delay_max: Duration,
+    /// Rewrite a legacy hash (`{SSHA512}`, `{SHA512-CRYPT}`, Dovecot's
+    /// `{ARGON2ID}` form, …) as usher's argon2id after a successful login.
+    /// Off only while another system still checks the same hashes, or for
+    /// a benchmark that must keep a chosen scheme.
+    pub rewrite_legacy_hashes: bool,
 }
 
 impl Default for AuthConfig {
@@ -197,6 +211,7 @@ impl Default for AuthConfig {
             failure_delay: Duration::from_secs(2),
             free_failures: 3,
             failure_delay_max: Duration::from_secs(30),
+            rewrite_legacy_hashes: true,
         }
     }
 }
@@ -408,6 +423,12 @@ impl Config {
         }
         if h.down_after == 0 {
             return bad("health.down_after", "must be at least 1");
+        }
+        if h.test_password.is_some() && h.test_user.is_none() {
+            return bad("health.test_password", "needs health.test_user");
+        }
+        if h.test_user.as_deref().is_some_and(|u| u.trim().is_empty()) {
+            return bad("health.test_user", "must not be empty");
         }
         if self.store.follow_interval < Duration::from_millis(10)
             || self.store.follow_interval > Duration::from_secs(60)

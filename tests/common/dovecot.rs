@@ -118,11 +118,37 @@ pub struct DovecotOpts {
     pub tls: bool,
 }
 
+/// What a benchmark asks of an instance beyond [`DovecotOpts`], kept in a
+/// struct of its own so that `DovecotOpts { .. }` literals elsewhere stay
+/// valid. The default changes nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Tuning {
+    /// Size the login, imap and submission services for this many
+    /// concurrent sessions (0: the sizes above, about 2,000).
+    pub clients: usize,
+    /// Act as a proxy in front of other Dovecots: users log in with the
+    /// entries of [`Dovecot::set_proxy_users`], one file per service, and
+    /// are relayed to the backend each entry names.
+    pub proxy: bool,
+}
+
+/// One user of a proxy instance: the password hash checked at the proxy
+/// and the backend the session is relayed to, where the proxy logs in as
+/// [`MASTER_USER`] with the user as authorization identity (SASL PLAIN),
+/// the way usher logs in to its backends.
+#[derive(Debug, Clone)]
+pub struct ProxyUser {
+    pub user: String,
+    pub hash: String,
+    pub backend_port: u16,
+}
+
 /// A running (or stopped) private Dovecot instance; dropping it stops it.
 pub struct Dovecot {
     dir: TempDir,
     layout: Layout,
     opts: DovecotOpts,
+    tuning: Tuning,
     ports: Ports,
     run_as: RunAs,
     child: Option<Child>,
@@ -173,6 +199,11 @@ impl Dovecot {
     /// installed, and with Dovecot's log when it does not come up within
     /// ten seconds.
     pub fn start(opts: DovecotOpts) -> Dovecot {
+        Dovecot::start_tuned(opts, Tuning::default())
+    }
+
+    /// [`Dovecot::start`] with the sizes and the proxy role of `tuning`.
+    pub fn start_tuned(opts: DovecotOpts, tuning: Tuning) -> Dovecot {
         require_installed(DOVECOT_BIN);
         let dir = tempfile::Builder::new()
             .prefix("usher-dovecot-")
@@ -188,6 +219,7 @@ impl Dovecot {
             layout,
             ports: Ports::pick(&opts),
             opts,
+            tuning,
             run_as,
             child: None,
         };
@@ -274,6 +306,45 @@ impl Dovecot {
         sleep_into_next_second();
     }
 
+    /// Lets each `(user, hash)` log in directly, `hash` being a stored
+    /// hash such as `{SSHA512}…` (see [`hash_password`]); for many users
+    /// sharing one hash, without a `doveadm` run per user.
+    pub fn add_hashed_users(&self, users: &[(&str, &str)]) {
+        let path = self.layout.users_passwd();
+        let mut entries = read_passwd(&path);
+        for (user, hash) in users {
+            let name = passwd_name(user);
+            entries.retain(|(existing, _)| *existing != name);
+            entries.push((name, hash.to_string()));
+        }
+        write_passwd(&path, &entries);
+        sleep_into_next_second();
+    }
+
+    /// Replaces the users of a proxy instance ([`Tuning::proxy`]) for
+    /// `service` (`imap` or `submission`): each is checked against its
+    /// hash here and relayed to 127.0.0.1 on its backend port.
+    pub fn set_proxy_users(&self, service: &str, users: &[ProxyUser]) {
+        let entries: Vec<(String, String)> = users
+            .iter()
+            .map(|u| {
+                // passwd-file: user:password:uid:gid:gecos:home:shell:extra.
+                let extra = format!(
+                    "proxy=y host=127.0.0.1 port={} master={MASTER_USER} pass={MASTER_PASSWORD}",
+                    u.backend_port
+                );
+                (passwd_name(&u.user), format!("{}::::::{extra}", u.hash))
+            })
+            .collect();
+        write_passwd(&self.layout.proxy_passwd(service), &entries);
+        sleep_into_next_second();
+    }
+
+    /// The pid of the master process, whose tree is the whole instance.
+    pub fn pid(&self) -> Option<u32> {
+        self.master_pid()?.parse().ok()
+    }
+
     /// The Maildir of `user` (which exists once the user has logged in).
     pub fn maildir(&self, user: &str) -> PathBuf {
         self.layout.maildir(user)
@@ -339,7 +410,12 @@ impl Dovecot {
     /// Writes the configuration for the current ports, spawns Dovecot and
     /// waits for its greeting.
     fn launch(&mut self) -> Result<(), LaunchError> {
-        let config = render_config(&self.layout, &self.ports, &self.opts, &self.run_as);
+        let config = render_config(
+            &self.layout,
+            &self.ports,
+            (&self.opts, &self.tuning),
+            &self.run_as,
+        );
         fs::write(self.layout.config(), config).expect("write dovecot.conf");
         let mut child = self.spawn();
         let result = wait_ready(&mut child, self.ports.imap, &self.layout.greeting());
@@ -536,6 +612,11 @@ impl Layout {
         self.root.join("passwd.users")
     }
 
+    /// The users of a proxy instance for `service` (`passwd.proxy.imap`).
+    fn proxy_passwd(&self, service: &str) -> PathBuf {
+        self.root.join(format!("passwd.proxy.{service}"))
+    }
+
     fn base_dir(&self) -> PathBuf {
         self.root.join("run")
     }
@@ -650,20 +731,61 @@ fn create_owned_dirs(base: &Path, dir: &Path, run_as: &RunAs) {
 }
 
 /// The whole configuration of one instance.
-fn render_config(layout: &Layout, ports: &Ports, opts: &DovecotOpts, run_as: &RunAs) -> String {
+fn render_config(
+    layout: &Layout,
+    ports: &Ports,
+    (opts, tuning): (&DovecotOpts, &Tuning),
+    run_as: &RunAs,
+) -> String {
+    let sizes = Sizes::for_clients(tuning.clients);
     [
-        base_config(layout, opts),
+        base_config(layout, opts, &sizes),
         identity_config(run_as),
-        auth_config(layout, run_as),
+        auth_config(layout, run_as, tuning.proxy),
         mail_config(layout),
-        imap_config(ports),
-        submission_config(ports, opts.submission),
+        imap_config(ports, &sizes),
+        submission_config(ports, opts.submission, &sizes),
         tls_config(opts.tls),
     ]
     .concat()
 }
 
-fn base_config(layout: &Layout, opts: &DovecotOpts) -> String {
+/// Service sizes: the defaults serve about 2,000 sessions; a benchmark
+/// asks for more with [`Tuning::clients`].
+struct Sizes {
+    default_client_limit: usize,
+    login_processes: usize,
+    imap_processes: usize,
+    /// Sessions per imap process: 1 (Dovecot's default) unless tuned, since
+    /// ten thousand imap processes would not fit in memory.
+    imap_clients: usize,
+    submission_processes: usize,
+}
+
+impl Sizes {
+    /// Each login process serves up to 1,000 clients (its client_limit).
+    fn for_clients(clients: usize) -> Sizes {
+        if clients == 0 {
+            return Sizes {
+                default_client_limit: 10_000,
+                login_processes: 8,
+                imap_processes: 4096,
+                imap_clients: 1,
+                submission_processes: 1024,
+            };
+        }
+        let imap_clients = 50;
+        Sizes {
+            default_client_limit: (2 * clients).max(10_000),
+            login_processes: clients / 1000 + 4,
+            imap_processes: clients / imap_clients + 64,
+            imap_clients,
+            submission_processes: 1024,
+        }
+    }
+}
+
+fn base_config(layout: &Layout, opts: &DovecotOpts, sizes: &Sizes) -> String {
     let protocols = match opts.submission {
         Some(_) => "imap submission",
         None => "imap",
@@ -681,10 +803,11 @@ login_greeting = {greeting}
 # Lets a proxy on loopback forward the client's address (IMAP ID, XCLIENT).
 login_trusted_networks = 127.0.0.0/8 ::1/128
 shutdown_clients = yes
-# Sized for ~2,000 concurrent sessions: auth, anvil, log and stats serve a
-# connection per process.
-default_client_limit = 10000
+# Sized for ~2,000 concurrent sessions (more when tuned): auth, anvil, log
+# and stats serve a connection per process.
+default_client_limit = {client_limit}
 ",
+        client_limit = sizes.default_client_limit,
         instance = layout.instance(),
         base_dir = layout.base_dir().display(),
         state_dir = layout.state_dir().display(),
@@ -722,8 +845,14 @@ service submission-login {{
     }
 }
 
-fn auth_config(layout: &Layout, run_as: &RunAs) -> String {
+fn auth_config(layout: &Layout, run_as: &RunAs, proxy: bool) -> String {
     let (uid, gid) = run_as.mail_ids();
+    // A proxy's users differ per service only in their backend port; %s
+    // is the service (imap, submission).
+    let users = match proxy {
+        true => layout.root.join("passwd.proxy.%s"),
+        false => layout.users_passwd(),
+    };
     format!(
         "disable_plaintext_auth = no
 auth_mechanisms = plain login
@@ -759,7 +888,7 @@ service anvil {{
 }}
 ",
         master = layout.master_passwd().display(),
-        users = layout.users_passwd().display(),
+        users = users.display(),
         mail = layout.mail_root().display(),
     )
 }
@@ -777,7 +906,7 @@ plugin {{
     )
 }
 
-fn imap_config(ports: &Ports) -> String {
+fn imap_config(ports: &Ports, sizes: &Sizes) -> String {
     format!(
         "service imap-login {{
   inet_listener imap {{
@@ -790,11 +919,11 @@ fn imap_config(ports: &Ports) -> String {
   service_count = 0
   client_limit = 1000
   process_min_avail = 2
-  process_limit = 8
+  process_limit = {login_processes}
 }}
 service imap {{
-  process_limit = 4096
-}}
+  process_limit = {imap_processes}
+{imap_clients}}}
 protocol imap {{
   # The benchmark logs one user in many times from 127.0.0.1.
   mail_max_userip_connections = 10000
@@ -802,10 +931,17 @@ protocol imap {{
 ",
         imap = ports.imap,
         imaps = ports.imaps.unwrap_or(0),
+        login_processes = sizes.login_processes,
+        imap_processes = sizes.imap_processes,
+        // Only a tuned instance says it, so the default file is unchanged.
+        imap_clients = match sizes.imap_clients {
+            1 => String::new(),
+            n => format!("  client_limit = {n}\n"),
+        },
     )
 }
 
-fn submission_config(ports: &Ports, relay: Option<u16>) -> String {
+fn submission_config(ports: &Ports, relay: Option<u16>, sizes: &Sizes) -> String {
     let (Some(relay), Some(port)) = (relay, ports.submission) else {
         return String::new();
     };
@@ -831,12 +967,14 @@ service submission-login {{
 {submissions}  service_count = 0
   client_limit = 1000
   process_min_avail = 1
-  process_limit = 4
+  process_limit = {login_processes}
 }}
 service submission {{
-  process_limit = 1024
+  process_limit = {submission_processes}
 }}
-"
+",
+        login_processes = sizes.login_processes.min(4),
+        submission_processes = sizes.submission_processes,
     )
 }
 

@@ -1,0 +1,441 @@
+//! The systems under test: two Dovecot backends holding the mail, usher in
+//! front of them, and a third Dovecot in proxy mode in front of the same
+//! backends. Everything listens on 127.0.0.1, on ports the kernel chose.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
+
+use crate::common::dovecot::{
+    example_ca_cert, example_certs_dir, hash_password, Dovecot, DovecotOpts, ProxyUser, Tuning,
+    MASTER_PASSWORD, MASTER_USER,
+};
+use crate::load::{self, Target, PASSWORD};
+
+/// The three ways a client reaches its mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    /// Straight to the user's backend: the baseline.
+    Direct,
+    /// Through usher.
+    Usher,
+    /// Through Dovecot's own proxy mode (passdb with `proxy=y`).
+    DovecotProxy,
+}
+
+impl Way {
+    pub const ALL: [Way; 3] = [Way::Direct, Way::Usher, Way::DovecotProxy];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Way::Direct => "direct",
+            Way::Usher => "usher",
+            Way::DovecotProxy => "dovecot-proxy",
+        }
+    }
+}
+
+/// The password scheme every user's hash is in, the same at the backends
+/// (direct logins), in usher's store and in the Dovecot proxy's passdb.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hash {
+    /// `{SSHA512}`: one SHA-512, so that the proxies' own work shows.
+    Cheap,
+    /// `{ARGON2ID}` with `doveadm pw`'s costs (m=64 MiB, t=3, p=1).
+    Argon2id,
+}
+
+impl Hash {
+    pub fn name(self) -> &'static str {
+        match self {
+            Hash::Cheap => "ssha512",
+            Hash::Argon2id => "argon2id",
+        }
+    }
+
+    fn dovecot_scheme(self) -> &'static str {
+        match self {
+            Hash::Cheap => "SSHA512",
+            Hash::Argon2id => "ARGON2ID",
+        }
+    }
+}
+
+/// How big the world is.
+pub struct Size {
+    pub users: usize,
+    /// Concurrent sessions the services must hold (the idle scenario).
+    pub sessions: usize,
+}
+
+/// Everything running for one hash scheme; dropping it stops it all.
+pub struct World {
+    pub backends: Vec<Dovecot>,
+    pub proxy: Dovecot,
+    pub usher: UsherProc,
+    /// Kept so that the sink's task outlives every run.
+    pub sink: crate::sink::Sink,
+    tls: TlsConnector,
+}
+
+impl World {
+    /// Starts the backends, the Dovecot proxy and usher, with `size.users`
+    /// users whose password hashes are in `hash`.
+    pub fn start(rt: &tokio::runtime::Runtime, hash: Hash, size: &Size) -> anyhow::Result<World> {
+        let sink = rt.block_on(crate::sink::start())?;
+        let opts = DovecotOpts {
+            submission: Some(sink.addr.port()),
+            tls: true,
+        };
+        let tuning = Tuning {
+            clients: size.sessions,
+            proxy: false,
+        };
+        let backends: Vec<Dovecot> = (0..2)
+            .map(|_| Dovecot::start_tuned(opts.clone(), tuning.clone()))
+            .collect();
+        let proxy = Dovecot::start_tuned(
+            opts,
+            Tuning {
+                proxy: true,
+                ..tuning
+            },
+        );
+        // One hash for everyone: the same password, the same cost.
+        let hash = hash_password(hash.dovecot_scheme(), PASSWORD);
+        let users: Vec<String> = (0..size.users).map(load::user).collect();
+        let entries: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), &hash[..])).collect();
+        for backend in &backends {
+            backend.add_hashed_users(&entries);
+        }
+        for service in ["imap", "submission"] {
+            let proxy_users: Vec<ProxyUser> = users
+                .iter()
+                .enumerate()
+                .map(|(i, user)| ProxyUser {
+                    user: user.clone(),
+                    hash: hash.clone(),
+                    backend_port: port_of(&backends[i % 2], service),
+                })
+                .collect();
+            proxy.set_proxy_users(service, &proxy_users);
+        }
+        let usher = UsherProc::start(size.sessions)?;
+        for (i, backend) in backends.iter().enumerate() {
+            usher.add_backend(&format!("b{i}"), backend)?;
+            let lines: String = users
+                .iter()
+                .skip(i)
+                .step_by(2)
+                .map(|u| format!("{u} {hash}\n"))
+                .collect();
+            usher.cli(
+                &["user", "import", "--hashed", "--backend", &format!("b{i}")],
+                lines.as_bytes(),
+            )?;
+        }
+        Ok(World {
+            backends,
+            proxy,
+            usher,
+            sink,
+            tls: tls_connector()?,
+        })
+    }
+
+    /// Where clients of `way` connect, for IMAP (`tls`: IMAPS) or
+    /// submission. User `i` goes to backend `i % 2` directly, the same
+    /// backend the proxies route it to.
+    pub fn target(&self, way: Way, protocol: Protocol) -> Target {
+        let addrs = match way {
+            Way::Direct => self
+                .backends
+                .iter()
+                .map(|b| protocol.dovecot_addr(b))
+                .collect(),
+            Way::DovecotProxy => vec![protocol.dovecot_addr(&self.proxy)],
+            Way::Usher => vec![self.usher.addr(protocol.usher_listener())],
+        };
+        Target {
+            addrs,
+            tls: (protocol == Protocol::Imaps).then(|| self.tls.clone()),
+        }
+    }
+
+    /// The processes whose CPU and memory count for `way`: the proxy's
+    /// tree, or for direct the backends' trees (the baseline).
+    pub fn watched(&self, way: Way) -> Vec<u32> {
+        match way {
+            Way::Direct => self.backends.iter().filter_map(Dovecot::pid).collect(),
+            Way::DovecotProxy => self.proxy.pid().into_iter().collect(),
+            Way::Usher => vec![self.usher.pid()],
+        }
+    }
+
+    /// Restarts the proxy of `way` so that a memory measurement starts from
+    /// a fresh process, not from one whose heap earlier runs have grown.
+    pub fn refresh(&mut self, way: Way) -> anyhow::Result<()> {
+        match way {
+            Way::Direct => {}
+            Way::DovecotProxy => self.proxy.restart(),
+            Way::Usher => self.usher.restart()?,
+        }
+        Ok(())
+    }
+}
+
+/// Which service a target is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Imap,
+    Imaps,
+    Submission,
+}
+
+impl Protocol {
+    fn dovecot_addr(self, d: &Dovecot) -> SocketAddr {
+        let port = match self {
+            Protocol::Imap => d.imap_port(),
+            Protocol::Imaps => d.imaps_port().expect("TLS is on"),
+            Protocol::Submission => d.submission_port().expect("submission is on"),
+        };
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn usher_listener(self) -> &'static str {
+        match self {
+            Protocol::Imap => "imap",
+            Protocol::Imaps => "imaps",
+            Protocol::Submission => "submission",
+        }
+    }
+}
+
+fn port_of(d: &Dovecot, service: &str) -> u16 {
+    match service {
+        "imap" => d.imap_port(),
+        _ => d.submission_port().expect("submission is on"),
+    }
+}
+
+/// Trusts the example CA that signed every listener's certificate.
+fn tls_connector() -> anyhow::Result<TlsConnector> {
+    let pem = std::fs::read(example_ca_cert())?;
+    let mut roots = RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(cert?)?;
+    }
+    let config = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// The usher binary under test, with a configuration of the benchmark's
+/// own: cleartext IMAP and submission listeners that take passwords (it is
+/// loopback), IMAPS, legacy hashes kept as they are, no admin listener.
+pub struct UsherProc {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    addrs: HashMap<String, SocketAddr>,
+}
+
+/// How long usher may take to bind its listeners.
+const USHER_READY: Duration = Duration::from_secs(20);
+
+impl UsherProc {
+    fn start(sessions: usize) -> anyhow::Result<UsherProc> {
+        let dir = tempfile::Builder::new().prefix("usher-bench-").tempdir()?;
+        std::fs::write(dir.path().join("usher.toml"), config(dir.path(), sessions))?;
+        let mut usher = UsherProc {
+            dir,
+            child: None,
+            addrs: HashMap::new(),
+        };
+        usher.spawn()?;
+        Ok(usher)
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("usher.toml")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("usher.log")
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let ready = self.dir.path().join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::File::create(self.log_path())?;
+        let child = Command::new(env!("CARGO_BIN_EXE_usher"))
+            .arg("--config")
+            .arg(self.config_path())
+            .args(["serve", "--ready-file"])
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting usher")?;
+        let child = self.child.insert(child);
+        let deadline = Instant::now() + USHER_READY;
+        loop {
+            let text = std::fs::read_to_string(&ready).unwrap_or_default();
+            if let Ok(map) = serde_json::from_str::<HashMap<String, String>>(&text) {
+                self.addrs = map
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+                    .collect();
+                return Ok(());
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "usher exited with {status}; see {}",
+                    self.log_path().display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("usher did not start; see {}", self.log_path().display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM lets usher close its sessions politely.
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.spawn()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn addr(&self, listener: &str) -> SocketAddr {
+        self.addrs[listener]
+    }
+
+    /// Runs a CLI command against usher's store; fails unless it succeeds.
+    fn cli(&self, args: &[&str], stdin: &[u8]) -> anyhow::Result<()> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_usher"))
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().expect("piped").write_all(stdin)?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "usher {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    fn add_backend(&self, name: &str, d: &Dovecot) -> anyhow::Result<()> {
+        let imap = d.imap_port().to_string();
+        let submission = d.submission_port().expect("submission is on").to_string();
+        self.cli(
+            &[
+                "backend",
+                "add",
+                name,
+                "--host",
+                "127.0.0.1",
+                "--imap-port",
+                &imap,
+                "--submission-port",
+                &submission,
+            ],
+            b"",
+        )
+    }
+}
+
+impl Drop for UsherProc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// usher's configuration for the benchmark.
+fn config(dir: &Path, sessions: usize) -> String {
+    let certs = example_certs_dir();
+    format!(
+        r#"hostname = "usher.bench"
+
+[store]
+url = "sqlite://{dir}/usher.db"
+
+[tls]
+cert = "{certs}/localhost.crt"
+key = "{certs}/localhost.key"
+
+[[listener]]
+name = "imap"
+protocol = "imap"
+address = "127.0.0.1:0"
+tls = "starttls"
+plaintext_auth = true
+
+[[listener]]
+name = "imaps"
+protocol = "imap"
+address = "127.0.0.1:0"
+tls = "implicit"
+
+[[listener]]
+name = "submission"
+protocol = "submission"
+address = "127.0.0.1:0"
+tls = "starttls"
+plaintext_auth = true
+
+[limits]
+max_connections = {max_connections}
+
+[auth]
+# Every login here is right; the delay only matters for failures.
+failure_delay = "200ms"
+# The hashes are Dovecot's, checked at the same cost by both proxies.
+rewrite_legacy_hashes = false
+
+[backends]
+master_user = "{master}"
+master_password = "{master_pw}"
+ca = "{certs}/ca.crt"
+"#,
+        dir = dir.display(),
+        certs = certs.display(),
+        max_connections = sessions.max(1000) * 2,
+        master = MASTER_USER,
+        master_pw = MASTER_PASSWORD,
+    )
+}

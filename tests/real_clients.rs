@@ -30,6 +30,7 @@ use base64::Engine;
 use serde_json::Value;
 
 use common::dovecot::{example_ca_cert, Dovecot, DovecotOpts};
+use common::smtp::World;
 use common::usher::{Usher, UsherOpts};
 
 /// How long one client run may take before it is killed.
@@ -854,4 +855,323 @@ fn mbsync_pull_of_delivered_messages_is_byte_for_byte() {
             first_difference(&rest, &m.bytes)
         );
     });
+}
+
+// ---------------------------------------------------------------------
+// Submission
+
+/// How long the sink may take to receive a relayed message.
+const SINK_WAIT: Duration = Duration::from_secs(20);
+
+/// Who submits: a pool user of its own, beside the cases' users that
+/// [`World`] adds.
+const SUBMITTER: &str = "erin@example.com";
+
+/// The envelope every submission test uses.
+const MAIL_FROM: &str = SUBMITTER;
+const RCPT_TO: &str = "bob@example.org";
+
+/// A Dovecot submission backend relaying into a sink, behind usher, with
+/// [`SUBMITTER`] logging in with `password`.
+fn submission_world(password: &str) -> World {
+    let w = World::start();
+    w.usher.add_pool_user(SUBMITTER, password.as_bytes());
+    w
+}
+
+/// The message a submission client sends: CRLF throughout, 8-bit UTF-8,
+/// lines that need dot-stuffing (a lone dot, leading dots), a quote and a
+/// backslash, a long line. No `%TOKEN%` (swaks would replace it) and no
+/// backslash before an `n`.
+fn submission_message(client: &str) -> Vec<u8> {
+    let long = "0123456789abcdef".repeat(60);
+    format!(
+        "From: Alice <{MAIL_FROM}>\r\nTo: Bob <{RCPT_TO}>\r\n\
+         Subject: via {client} =?UTF-8?Q?Gr=C3=BC=C3=9Fe?=\r\n\
+         Message-ID: <{client}@usher.test>\r\nMIME-Version: 1.0\r\n\
+         Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\
+         \r\nGr\u{fc}\u{df}e aus K\u{f6}ln \u{20ac} \u{1f4ec}\r\n.\r\n.leading dot\r\n\
+         ..two dots\r\n\"quoted\" and C:\\Temp\\x\r\n\r\n{long}\r\nend\r\n"
+    )
+    .into_bytes()
+}
+
+/// Splits the relay's trace off the top of `data`: exactly one
+/// `Received:` field, its first line and the folded continuation lines
+/// (starting with a space or a tab), each ending in CRLF. Returns the
+/// field's lines and the rest, which must then be the client's bytes.
+fn split_received(data: &[u8]) -> (Vec<String>, &[u8]) {
+    let mut lines = Vec::new();
+    let mut rest = data;
+    loop {
+        let continued = !lines.is_empty() && (rest.starts_with(b" ") || rest.starts_with(b"\t"));
+        if !(lines.is_empty() || continued) {
+            break;
+        }
+        let end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("a CRLF-terminated trace line")
+            + 2;
+        lines.push(String::from_utf8_lossy(&rest[..end]).into_owned());
+        rest = &rest[end..];
+    }
+    assert!(
+        lines[0].starts_with("Received: from "),
+        "the relayed message does not start with a Received field: {lines:?}"
+    );
+    (lines, rest)
+}
+
+/// The one message in the sink: the envelope as the client gave it, and
+/// the content exactly `sent` below one `Received:` field of Dovecot's
+/// that records an authenticated submission.
+fn assert_arrived_unchanged(w: &World, sent: &[u8]) {
+    let messages = w.sink.wait_for(1, SINK_WAIT);
+    assert_eq!(messages.len(), 1, "{:?}", w.sink.lines());
+    let m = &messages[0];
+    assert!(
+        m.mail.starts_with(&format!("MAIL FROM:<{MAIL_FROM}>")),
+        "{}",
+        m.mail
+    );
+    assert_eq!(m.rcpts, [format!("RCPT TO:<{RCPT_TO}>")]);
+    let (trace, rest) = split_received(&m.data);
+    assert!(
+        trace.concat().contains("with ESMTPSA"),
+        "Dovecot's trace should show an authenticated TLS submission: {trace:?}"
+    );
+    assert!(
+        rest == sent,
+        "the relayed message differs below its Received field: {}",
+        first_difference(rest, sent)
+    );
+}
+
+/// Runs swaks against usher's `listener` with `tls` (`--tls` for
+/// STARTTLS, `--tlsc` for TLS on connect), `--auth mech` as [`SUBMITTER`] and
+/// `--pipeline`, the password in `SWAKS_OPT_auth_password`; returns the
+/// transcript it printed and the message it sent.
+fn run_swaks(
+    w: &World,
+    listener: &str,
+    tls: &str,
+    mech: &str,
+    password: &str,
+) -> (String, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let message = submission_message(&format!("swaks-{listener}-{mech}"));
+    let path = dir.path().join("message.eml");
+    std::fs::write(&path, &message).unwrap();
+    let addr = w.usher.addr(listener);
+    let mut cmd = Command::new("swaks");
+    cmd.args(["--server", "127.0.0.1", "--port", &addr.port().to_string()])
+        .args([
+            "--ehlo",
+            "client.example.net",
+            "--from",
+            MAIL_FROM,
+            "--to",
+            RCPT_TO,
+        ])
+        .args([tls, "--tls-verify", "--tls-ca-path"])
+        .arg(example_ca_cert())
+        .args(["--auth", mech, "--auth-user", SUBMITTER, "--pipeline"])
+        .args(["--timeout", "20"])
+        .arg("--data")
+        .arg(format!("@{}", path.display()))
+        .env("SWAKS_OPT_auth_password", password);
+    let output = run_bounded(cmd, CHILD_TIMEOUT);
+    assert!(
+        output.status.success(),
+        "swaks failed\n{}",
+        describe(&output)
+    );
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        message,
+    )
+}
+
+/// What swaks sent as the message, rebuilt from its transcript: the
+/// lines it printed (` ~> ` inside TLS) after the DATA command's 354 up to
+/// the lone dot, each with CRLF, dot-stuffing removed.
+fn swaks_sent_message(transcript: &str) -> Vec<u8> {
+    let mut lines = transcript
+        .lines()
+        .skip_while(|l| !l.starts_with("<~  354 "));
+    assert!(lines.next().is_some(), "no 354 in\n{transcript}");
+    let mut sent = Vec::new();
+    for line in lines.filter_map(|l| l.strip_prefix(" ~> ")) {
+        if line == "." {
+            return sent;
+        }
+        sent.extend_from_slice(line.strip_prefix('.').unwrap_or(line).as_bytes());
+        sent.extend_from_slice(b"\r\n");
+    }
+    panic!("no end of data in\n{transcript}");
+}
+
+/// One swaks submission through usher, and what must have happened:
+/// exit status 0, the EHLO inside TLS offering PIPELINING, the AUTH
+/// exchange carrying the password's exact octets and answered 235, MAIL,
+/// RCPT and DATA sent in one go before their three replies (the
+/// backend's), and the sink holding what swaks sent.
+fn swaks_case(listener: &str, tls: &str, mech: &str) {
+    let w = submission_world(HARD_PASSWORD);
+    let (transcript, file) = run_swaks(&w, listener, tls, mech, HARD_PASSWORD);
+    let lines: Vec<&str> = transcript.lines().collect();
+    let has = |wanted: &str| lines.contains(&wanted);
+    assert!(has("<~  250-PIPELINING"), "{transcript}");
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    match mech {
+        "PLAIN" => {
+            let response = b64(format!("\0{SUBMITTER}\0{HARD_PASSWORD}").as_bytes());
+            assert!(has(&format!(" ~> AUTH PLAIN {response}")), "{transcript}");
+        }
+        _ => {
+            assert!(has(" ~> AUTH LOGIN"), "{transcript}");
+            assert!(
+                has(&format!(" ~> {}", b64(SUBMITTER.as_bytes()))),
+                "{transcript}"
+            );
+            assert!(
+                has(&format!(" ~> {}", b64(HARD_PASSWORD.as_bytes()))),
+                "{transcript}"
+            );
+        }
+    }
+    assert!(
+        has("<~  235 2.7.0 Authentication successful"),
+        "{transcript}"
+    );
+
+    let mail = lines
+        .iter()
+        .position(|l| l.starts_with(" ~> MAIL FROM:"))
+        .unwrap_or_else(|| panic!("no MAIL in\n{transcript}"));
+    let batch = &lines[mail..mail + 6];
+    assert_eq!(
+        batch[..3],
+        [
+            format!(" ~> MAIL FROM:<{MAIL_FROM}>"),
+            format!(" ~> RCPT TO:<{RCPT_TO}>"),
+            " ~> DATA".to_string()
+        ],
+        "not pipelined:\n{transcript}"
+    );
+    // Dovecot's own replies: usher answers nothing itself after AUTH.
+    assert_eq!(
+        batch[3..],
+        ["<~  250 2.1.0 Ok", "<~  250 2.1.5 Ok", "<~  354 OK"],
+        "{transcript}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<~  250 2.0.0 Ok: queued as ")),
+        "{transcript}"
+    );
+
+    // swaks ends the data with CRLF before the dot even when the file
+    // already ends with CRLF: it sends the file plus one CRLF.
+    let sent = swaks_sent_message(&transcript);
+    let mut expected = file.clone();
+    expected.extend_from_slice(b"\r\n");
+    assert!(
+        sent == expected,
+        "swaks sent other bytes than expected: {}",
+        first_difference(&sent, &expected)
+    );
+    assert_arrived_unchanged(&w, &sent);
+}
+
+#[test]
+fn swaks_auth_plain_over_starttls_with_pipelining() {
+    swaks_case("submission", "--tls", "PLAIN");
+}
+
+#[test]
+fn swaks_auth_login_over_starttls_with_pipelining() {
+    swaks_case("submission", "--tls", "LOGIN");
+}
+
+#[test]
+fn swaks_auth_plain_over_implicit_tls_with_pipelining() {
+    swaks_case("submissions", "--tlsc", "PLAIN");
+}
+
+#[test]
+fn swaks_auth_login_over_implicit_tls_with_pipelining() {
+    swaks_case("submissions", "--tlsc", "LOGIN");
+}
+
+/// Runs `smtplib_session.py` against usher's `listener` with `--tls tls`
+/// and `--auth auth`, as [`SUBMITTER`] with [`ASCII_PASSWORD`], 8BITMIME.
+fn run_smtplib(w: &World, listener: &str, tls: &str, auth: &str) -> (Value, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let message = submission_message(&format!("smtplib-{listener}-{auth}"));
+    let path = dir.path().join("message.eml");
+    std::fs::write(&path, &message).unwrap();
+    let addr = w.usher.addr(listener);
+    let mut cmd = Command::new("python3");
+    cmd.arg(client_script("smtplib_session.py"))
+        .args(["--host", "localhost", "--port", &addr.port().to_string()])
+        .args(["--tls", tls, "--auth", auth, "--eight-bit"])
+        .args(["--mail-from", MAIL_FROM, "--rcpt-to", RCPT_TO])
+        .arg("--ca")
+        .arg(example_ca_cert())
+        .arg("--message")
+        .arg(&path)
+        .env("USHER_USER", SUBMITTER)
+        .env("USHER_PASSWORD", ASCII_PASSWORD);
+    let output = run_bounded(cmd, CHILD_TIMEOUT);
+    (json_report(&output), message)
+}
+
+/// One smtplib submission and what must have happened: login answered
+/// 235, no recipient refused, QUIT answered 221, and the sink holding the
+/// exact bytes given to `sendmail()` (smtplib adds only dot-stuffing and
+/// the end mark, which the sink takes off again).
+fn smtplib_case(listener: &str, tls: &str, auth: &str) -> Value {
+    let w = submission_world(ASCII_PASSWORD);
+    let (report, message) = run_smtplib(&w, listener, tls, auth);
+    assert_eq!(report["auth"][0], 235, "{report:#}");
+    assert_eq!(report["refused"], serde_json::json!({}), "{report:#}");
+    assert_eq!(report["quit"][0], 221, "{report:#}");
+    assert!(report["ehlo"]["8bitmime"].is_string(), "{report:#}");
+    assert_arrived_unchanged(&w, &message);
+    assert!(
+        w.sink.messages()[0].mail.contains("BODY=8BITMIME"),
+        "{:?}",
+        w.sink.messages()[0].mail
+    );
+    report
+}
+
+/// `login()` after `starttls()`: smtplib picks AUTH PLAIN from usher's
+/// EHLO, which offered STARTTLS before TLS and no longer inside it.
+#[test]
+fn smtplib_login_and_sendmail_over_starttls() {
+    let report = smtplib_case("submission", "starttls", "login");
+    assert!(
+        report["ehlo_before_tls"]["starttls"].is_string(),
+        "{report:#}"
+    );
+    assert!(report["ehlo"]["starttls"].is_null(), "{report:#}");
+    assert_eq!(report["ehlo"]["auth"], " PLAIN LOGIN", "{report:#}");
+}
+
+/// `login()` on `SMTP_SSL` (implicit TLS).
+#[test]
+fn smtplib_login_and_sendmail_over_smtp_ssl() {
+    let report = smtplib_case("submissions", "implicit", "login");
+    assert!(report["ehlo_before_tls"].is_null(), "{report:#}");
+}
+
+/// AUTH LOGIN chosen explicitly (with smtplib's initial response, the
+/// user name on the AUTH line) over `SMTP_SSL`.
+#[test]
+fn smtplib_auth_login_and_sendmail_over_smtp_ssl() {
+    smtplib_case("submissions", "implicit", "LOGIN");
 }

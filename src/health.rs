@@ -1,17 +1,24 @@
 //! Health probes: every backend that is not disabled is probed on an
 //! interval — connect, TLS when the backend uses implicit TLS, and a
-//! greeting (`* OK` for IMAP, `220` for submission). Each outcome goes to
-//! the [`HealthMap`](crate::route::HealthMap), which also hears of failed
-//! connections during real logins and logs each state change once.
+//! greeting (`* OK` for IMAP, `220` for submission). With
+//! `health.test_user` set, an IMAP probe is a whole login instead, as a
+//! client's would be (STARTTLS, master user or passthrough), then LOGOUT.
+//! Each outcome goes to the [`HealthMap`](crate::route::HealthMap), which
+//! also hears of failed connections during real logins and logs each state
+//! change once.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
 use tokio::time::{timeout, MissedTickBehavior};
 
-use crate::backend::{connect, BackendError, LineReader};
+use crate::backend::{connect, BackendError, ClientAddrs, LineReader};
 use crate::config::TlsMode;
+use crate::imap::backend::{self as imap_backend, Credentials};
 use crate::net::Stream;
+use crate::secret::Secret;
 use crate::server::Shared;
 use crate::store::{Backend, BackendState};
 
@@ -60,9 +67,12 @@ async fn round(shared: &Arc<Shared>) {
     }
 }
 
-/// One probe: the IMAP greeting if the backend serves IMAP, else the
-/// submission greeting.
+/// One probe: a test login or the IMAP greeting if the backend serves
+/// IMAP, else the submission greeting.
 async fn probe(shared: &Shared, b: &Backend) -> Result<(), BackendError> {
+    if let (Some(user), Some(_)) = (&shared.config.health.test_user, b.imap_port) {
+        return test_login(shared, b, user).await;
+    }
     let (port, ready): (u16, &[u8]) = match (b.imap_port, b.submission_port) {
         (Some(p), _) => (p, b"* OK"),
         (None, Some(p)) => (p, b"220"),
@@ -88,4 +98,28 @@ async fn probe(shared: &Shared, b: &Backend) -> Result<(), BackendError> {
         let text = String::from_utf8_lossy(&line).trim_end().to_string();
         Err(BackendError::Refused(text))
     }
+}
+
+/// Logs in at `b` as the configured test user, then logs out.
+async fn test_login(shared: &Shared, b: &Backend, user: &str) -> Result<(), BackendError> {
+    let password = match &shared.config.health.test_password {
+        Some(p) => Secret::new(p.expose().as_bytes().to_vec()),
+        None => Secret::default(),
+    };
+    let creds = Credentials {
+        user,
+        password: &password,
+        master: shared.master.as_ref().map(|(u, p)| (u.as_str(), p)),
+    };
+    // The probe is usher's own: it forwards usher's loopback as the
+    // client address, and session id 0, which no client session has.
+    let own = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let addrs = ClientAddrs {
+        peer: own,
+        local: own,
+    };
+    let mut logged_in = imap_backend::login(b, &shared.backend_tls, &creds, addrs, 0).await?;
+    let _ = logged_in.stream.write_all(b"U9 LOGOUT\r\n").await;
+    let _ = logged_in.stream.shutdown().await;
+    Ok(())
 }

@@ -26,6 +26,7 @@ fn bad_configs_name_the_key() {
         ("bad_protocol.toml", "protocol"),
         ("bad_trusted_network.toml", "trusted_proxies"),
         ("health_down_after_zero.toml", "health.down_after"),
+        ("health_password_without_user.toml", "health.test_password"),
         ("idle_timeout_short.toml", "limits.idle_timeout"),
         ("master_without_password.toml", "backends.master_user"),
         ("proxy_protocol_not_bool.toml", "proxy_protocol"),

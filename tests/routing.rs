@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::client::Client;
 use common::dovecot::{Dovecot, DovecotOpts};
+use common::fake::{FakeImap, Script};
 use common::usher::{Usher, UsherOpts};
 
 const TOKEN: &str = "routing-test-token-0123456789";
@@ -498,4 +499,68 @@ async fn stopping_usher_says_goodbye_to_every_session() {
         );
     }
     assert!(usher.log().contains("stopping"), "{}", usher.log());
+}
+
+/// With `health.test_user`, a probe is a whole login: a backend that still
+/// greets but refuses every login is marked down, its users go to their
+/// fallback, and a working Dovecot sees the probe's logins and stays up.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_logins_find_a_backend_that_greets_but_cannot_log_in() {
+    let broken = FakeImap::start(Script::Greet {
+        id_reply: "OK",
+        login_reply: vec!["{tag} NO [UNAVAILABLE] Internal error occurred."],
+    })
+    .await;
+    let [good] = dovecots::<1>();
+    let usher = Usher::start(UsherOpts {
+        extra: format!(
+            "[health]\ninterval = \"{}ms\"\ntimeout = \"1s\"\ndown_after = 2\n\
+             test_user = \"probe@example.com\"\n",
+            PROBE.as_millis()
+        ),
+        ..UsherOpts::default()
+    });
+    let port = broken.addr.port().to_string();
+    usher.ok(
+        &[
+            "backend",
+            "add",
+            "broken",
+            "--host",
+            "127.0.0.1",
+            "--imap-port",
+            &port,
+        ],
+        None,
+    );
+    usher.add_backend("good", &good);
+    usher.add_user("alice@example.com", b"secret", "broken");
+    usher.ok(&["user", "fallback", "alice@example.com", "good"], None);
+
+    let down = common::net::poll_until(Duration::from_secs(5), || {
+        usher
+            .log()
+            .lines()
+            .any(|l| l.contains("backend is down") && l.contains("broken"))
+    });
+    assert!(down, "{}", usher.log());
+    assert!(
+        wait_logins(&good, "probe@example.com", 2),
+        "no probe logins at the working backend:\n{}",
+        good.log()
+    );
+    // The probe logs in as the master user for the test user, and says
+    // goodbye (no connection is left to time out).
+    assert!(good.log().contains("Logged out"), "{}", good.log());
+    let log = usher.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("backend is down") && l.contains("good")),
+        "{log}"
+    );
+
+    // Alice's backend is down: she is served by her fallback at once.
+    let (_alice, reply) = login(&usher, "alice@example.com", "secret").await;
+    assert!(reply.starts_with("a OK"), "{reply}");
+    assert!(wait_logins(&good, "alice@example.com", 1), "{}", good.log());
 }

@@ -31,8 +31,9 @@ The report has, among others:
                   read is one entry; bytes that are not UTF-8 are escaped)
     fetched_b64   BODY[] of the appended message as FETCHed, base64
     idle          "continuation", the untagged lines seen while idling,
-                  "exists" (the EXISTS line that ended the wait), "done"
-                  (the tagged reply to DONE)
+                  "exists" (the EXISTS line that ended the wait), "seconds"
+                  (how long that wait took, from the end of the second
+                  connection's APPEND), "done" (the tagged reply to DONE)
 """
 
 import argparse
@@ -44,9 +45,18 @@ import re
 import socket
 import ssl
 import sys
+import time
 
 # How long any one read may take before the script gives up.
 READ_TIMEOUT = 15
+
+# How long the IDLE wait for the new message's EXISTS may take. Dovecot
+# announces a new message at once while it has an inotify instance for the
+# mailbox, but falls back to checking every 30 seconds
+# (mailbox_idle_check_interval) when the user its mail processes run as has
+# used up fs.inotify.max_user_instances (128 by default, shared by every
+# Dovecot on the machine running as that user, e.g. `nobody`).
+IDLE_TIMEOUT = 45
 
 
 class Recorder:
@@ -188,12 +198,16 @@ def idle_until_exists(imap, args, idle_message):
     uid = append(other, idle_message)
     other.logout()
 
+    started = time.monotonic()
+    imap.sock.settimeout(IDLE_TIMEOUT)
     while True:
         line = read_line(imap)
         report["untagged"].append(line)
         if re.fullmatch(r"\* \d+ EXISTS", line):
             report["exists"] = line
             break
+    report["seconds"] = round(time.monotonic() - started, 3)
+    imap.sock.settimeout(READ_TIMEOUT)
     imap.send(b"DONE\r\n")
     while True:
         line = read_line(imap)

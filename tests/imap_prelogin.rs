@@ -367,6 +367,37 @@ async fn untagged_capability_during_backend_login() {
     );
 }
 
+/// Where passwords need TLS, a LOGIN literal gets a tagged NO in place of
+/// "+": the client never sends the password in the clear, and the session
+/// stays in step for STARTTLS. Non-synchronising literals are already on
+/// their way; they are read and refused the same way.
+#[tokio::test]
+async fn cleartext_login_literal_is_refused_before_the_password_is_sent() {
+    let fake = FakeImap::start(ok_login()).await;
+    let u = usher();
+    with_fake(&u, &fake);
+    let mut c = greeted(&u, "imap-strict").await;
+    c.send(b"a1 LOGIN alice@example.com {6}\r\n").await;
+    c.expect("a1 NO [PRIVACYREQUIRED]").await;
+    c.send(b"a2 login {17}\r\n").await;
+    c.expect("a2 NO [PRIVACYREQUIRED]").await;
+    c.send(b"a3 LOGIN alice@example.com {6+}\r\nsecret\r\n")
+        .await;
+    c.expect("a3 NO [PRIVACYREQUIRED]").await;
+    c.send(b"a4 NOOP\r\n").await;
+    c.expect("a4 OK").await;
+    let invited = c.transcript().lines().any(|l| l.starts_with('+'));
+    assert!(!invited, "{}", c.transcript());
+    c.send(b"a5 STARTTLS\r\n").await;
+    c.expect("a5 OK").await;
+    let mut c = c.upgrade().await;
+    c.send(b"a6 LOGIN alice@example.com {6}\r\n").await;
+    c.expect("+ ").await;
+    c.send(b"secret\r\n").await;
+    c.expect("a6 OK").await;
+    assert_eq!(fake.accepted.load(Ordering::SeqCst), 1);
+}
+
 /// Dovecot with a slow auth process says `* OK Waiting for authentication
 /// process to respond..` before its real greeting: usher waits for the
 /// real one and the login goes through with the backend's capabilities.

@@ -46,6 +46,17 @@ pub enum Frame {
     BadLiteral { line_end: usize, sync: bool },
 }
 
+/// Whether the command that starts `buf` is LOGIN (tag, space, the verb in
+/// any case, then a space): the one pre-login command whose literals carry
+/// a password.
+pub fn starts_login(buf: &[u8]) -> bool {
+    let Some(space) = buf.iter().position(|&b| b == b' ') else {
+        return false;
+    };
+    buf.get(space + 1..space + 7)
+        .is_some_and(|verb| verb.eq_ignore_ascii_case(b"LOGIN "))
+}
+
 /// Finds the extent of the first command in `buf`.
 pub fn frame(buf: &[u8], limits: FrameLimits) -> Frame {
     let mut pos = 0;
@@ -462,6 +473,16 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recognises_login_by_its_verb() {
+        assert!(starts_login(b"a1 LOGIN {5}\r\n"));
+        assert!(starts_login(b"x login alice {8}\r\n"));
+        assert!(!starts_login(b"a1 LOGINX {5}\r\n"));
+        assert!(!starts_login(b"a1 ID ({4}\r\n"));
+        assert!(!starts_login(b"LOGIN"));
+        assert!(!starts_login(b"a1 LOG"));
+    }
 
     const L: FrameLimits = FrameLimits {
         line: 8192,

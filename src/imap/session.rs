@@ -7,7 +7,8 @@
 //!   upgrade (RFC 9051 §6.2.1, case C13);
 //! - no password is accepted before TLS unless the listener allows it, and
 //!   then LOGINDISABLED is advertised instead of the AUTH= mechanisms
-//!   (RFC 9051 §6.2.3);
+//!   (RFC 9051 §6.2.3); a LOGIN literal is refused rather than invited
+//!   with "+" there, so its password is never sent;
 //! - bytes already buffered are consumed before the socket is read again,
 //!   so pipelined commands and SASL responses never stall (cases C19, C21);
 //! - the client gets a tagged OK only after the backend's tagged OK, and
@@ -23,8 +24,8 @@ use tracing::{info, warn};
 
 use super::backend::{self as imap_backend, Credentials, LoggedIn};
 use super::parse::{
-    frame, line_len, parse_command, parse_sasl_line, split_plain, trim_eol, Command, CommandKind,
-    Frame, FrameLimits, Mechanism, ParseError, SaslLine,
+    frame, line_len, parse_command, parse_sasl_line, split_plain, starts_login, trim_eol, Command,
+    CommandKind, Frame, FrameLimits, Mechanism, ParseError, SaslLine,
 };
 use crate::auth::Verdict;
 use crate::backend::{BackendError, ClientAddrs};
@@ -165,6 +166,15 @@ impl Front {
                 Frame::Incomplete => {
                     self.fill().await?;
                     Next::Continue
+                }
+                Frame::AwaitLiteral { data_start, sync }
+                    if sync && !self.login_allowed() && starts_login(&self.buf) =>
+                {
+                    // A tagged NO instead of "+" ends the command (RFC 9051
+                    // §7.5), so the password is never sent in the clear.
+                    let line: Vec<u8> = self.buf.drain(..data_start).collect();
+                    acked = 0;
+                    self.privacy_required(&tag_of(&line)).await?
                 }
                 Frame::AwaitLiteral { data_start, sync } => {
                     if sync && data_start > acked {

@@ -85,6 +85,8 @@ pub struct Params {
     pub message_bytes: usize,
     /// Processes (with their trees) whose CPU and memory are measured.
     pub watch: Vec<u32>,
+    /// The backends' processes, whose CPU is measured apart.
+    pub backends: Vec<u32>,
 }
 
 /// The figures of one run.
@@ -101,6 +103,8 @@ pub struct Figures {
     pub p99_ms: f64,
     /// CPU seconds of the watched trees during the run.
     pub cpu_s: f64,
+    /// CPU seconds of the backends' trees during the run.
+    pub backend_cpu_s: f64,
     /// Resident memory of the watched trees per held session (idle).
     pub kib_per_session: f64,
 }
@@ -133,7 +137,7 @@ impl fmt::Display for Figures {
         write!(
             f,
             "scenario={} rate={:.1} unit={} ops={} errors={} seconds={:.2} bytes={} \
-             p50_ms={:.2} p99_ms={:.2} cpu_s={:.2} kib_per_session={:.2}",
+             p50_ms={:.2} p99_ms={:.2} cpu_s={:.2} backend_cpu_s={:.2} kib_per_session={:.2}",
             self.scenario,
             self.rate(),
             self.unit(),
@@ -144,6 +148,7 @@ impl fmt::Display for Figures {
             self.p50_ms,
             self.p99_ms,
             self.cpu_s,
+            self.backend_cpu_s,
             self.kib_per_session,
         )
     }
@@ -152,6 +157,7 @@ impl fmt::Display for Figures {
 /// Runs one scenario and returns its figures.
 pub async fn run(p: &Params) -> anyhow::Result<Figures> {
     let cpu_before = procfs::cpu_seconds(&p.watch);
+    let backend_before = procfs::cpu_seconds(&p.backends);
     let mut figures = match p.scenario {
         Scenario::Login => login(p).await,
         Scenario::Fetch => fetch(p).await?,
@@ -160,6 +166,7 @@ pub async fn run(p: &Params) -> anyhow::Result<Figures> {
     };
     figures.scenario = p.scenario.name();
     figures.cpu_s = procfs::cpu_seconds(&p.watch) - cpu_before;
+    figures.backend_cpu_s = procfs::cpu_seconds(&p.backends) - backend_before;
     Ok(figures)
 }
 

@@ -182,6 +182,7 @@ impl Plan {
             sessions,
             message_bytes: self.submit_bytes,
             watch: world.watched(way),
+            backends: world.watched(Way::Direct),
         }
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -276,16 +277,25 @@ impl UsherProc {
         let ready = self.dir.path().join("ready.json");
         let _ = std::fs::remove_file(&ready);
         let log = std::fs::File::create(self.log_path())?;
-        let child = Command::new(env!("CARGO_BIN_EXE_usher"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_usher"));
+        command
             .arg("--config")
             .arg(self.config_path())
             .args(["serve", "--ready-file"])
             .arg(&ready)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting usher")?;
+            .stderr(log);
+        // An interrupted benchmark must not leave usher behind: it gets
+        // SIGTERM when the benchmark's (main) thread ends.
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = command.spawn().context("starting usher")?;
         let child = self.child.insert(child);
         let deadline = Instant::now() + USHER_READY;
         loop {

@@ -756,8 +756,10 @@ struct Sizes {
     default_client_limit: usize,
     login_processes: usize,
     imap_processes: usize,
-    /// Sessions per imap process: 1 (Dovecot's default) unless tuned, since
-    /// ten thousand imap processes would not fit in memory.
+    /// Sessions per imap process: 1 (Dovecot's default) unless tuned. Ten
+    /// thousand imap processes would not fit in memory, and each one in
+    /// IDLE takes one of the 128 inotify instances the kernel allows per
+    /// user, shared with every other Dovecot on the machine.
     imap_clients: usize,
     submission_processes: usize,
 }
@@ -774,7 +776,7 @@ impl Sizes {
                 submission_processes: 1024,
             };
         }
-        let imap_clients = 50;
+        let imap_clients = 500;
         Sizes {
             default_client_limit: (2 * clients).max(10_000),
             login_processes: clients / 1000 + 4,
@@ -936,7 +938,9 @@ protocol imap {{
         // Only a tuned instance says it, so the default file is unchanged.
         imap_clients = match sizes.imap_clients {
             1 => String::new(),
-            n => format!("  client_limit = {n}\n"),
+            // Only a process that lives on (service_count = 0) takes
+            // further clients.
+            n => format!("  client_limit = {n}\n  service_count = 0\n"),
         },
     )
 }

@@ -437,6 +437,32 @@ async fn tls_listeners_log_in() {
     c.expect("a3 OK").await;
 }
 
+/// A TLS client that hangs up without a close_notify alert, as most mail
+/// clients do, ends its session as an ordinary client close, not an error.
+#[tokio::test]
+async fn tls_client_closing_without_close_notify_is_an_ordinary_end() {
+    let w = world();
+    let mut c = Client::connect_tls(w.usher.addr("imaps")).await;
+    c.expect("* OK [CAPABILITY").await;
+    c.send(b"a1 LOGIN alice@example.com secret\r\n").await;
+    c.expect("a1 OK").await;
+    drop(c);
+    let closed = || {
+        w.usher
+            .log()
+            .lines()
+            .find(|l| l.contains("connection closed") && l.contains("alice@example.com"))
+            .map(str::to_string)
+    };
+    assert!(
+        common::net::poll_until(Duration::from_secs(5), || closed().is_some()),
+        "{}",
+        w.usher.log()
+    );
+    let line = closed().unwrap();
+    assert!(line.contains("ClientClosed"), "{line}");
+}
+
 /// No password (client's or master) reaches usher's log.
 #[tokio::test]
 async fn passwords_never_reach_the_log() {

@@ -1109,8 +1109,14 @@ fn only_log_process_left(pid: &str) -> bool {
         return false;
     };
     children.split_whitespace().all(|child| {
-        let cmdline = read_lossy(Path::new(&format!("/proc/{child}/cmdline")));
-        cmdline.trim_end_matches('\0').ends_with("/log")
+        // A child may exit between the listing and this read; one that is
+        // gone no longer counts.
+        match fs::read(format!("/proc/{child}/cmdline")) {
+            Ok(cmdline) => String::from_utf8_lossy(&cmdline)
+                .trim_end_matches('\0')
+                .ends_with("/log"),
+            Err(_) => true,
+        }
     })
 }
 

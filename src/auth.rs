@@ -266,9 +266,14 @@ impl Authenticator {
             .upgrade_hash(user.id, &user.password_hash, &new)
             .await
         {
-            Ok(true) => tracing::info!(user = %user.login, "password hash rewritten as argon2id"),
+            Ok(true) => tracing::info!(
+                user = user.login.as_str(),
+                "password hash rewritten as argon2id"
+            ),
             Ok(false) => {}
-            Err(e) => tracing::warn!(user = %user.login, error = %e, "could not rewrite the hash"),
+            Err(e) => {
+                tracing::warn!(user = user.login.as_str(), error = %e, "could not rewrite the hash")
+            }
         }
     }
 

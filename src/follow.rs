@@ -67,8 +67,12 @@ fn apply(shared: &Arc<Shared>, event: Event) {
     if change.ends_sessions() {
         let n = shared.sessions.kick(&Selector::User(event.subject.clone()));
         if n > 0 {
-            info!(user = %event.subject, change = change.as_str(), sessions = n,
-                "ended sessions after a change");
+            info!(
+                user = event.subject.as_str(),
+                change = change.as_str(),
+                sessions = n,
+                "ended sessions after a change"
+            );
         }
     } else if change == Change::Drain {
         let spread = event

@@ -135,7 +135,11 @@ pub async fn after_hold(shared: &Shared, user: User) -> Result<Option<User>, Rou
     let started = tokio::time::Instant::now();
     let step = Duration::from_millis(50);
     let limit = Duration::from_millis(wait as u64).min(MAX_HOLD);
-    tracing::debug!(user = %user.login, wait_ms = wait, "login held while the user moves");
+    tracing::debug!(
+        user = user.login.as_str(),
+        wait_ms = wait,
+        "login held while the user moves"
+    );
     // Poll: the mover releases the hold early once the change is done.
     loop {
         tokio::time::sleep(step).await;
@@ -203,7 +207,7 @@ async fn place(shared: &Shared, user: &User, service: Service) -> Result<Backend
     // keeps the first placement and both nodes use it.
     let placed = shared.store.place(&user.login, &chosen.name).await?;
     if placed == chosen.name {
-        tracing::info!(user = %user.login, backend = %chosen.name, "placed user");
+        tracing::info!(user = user.login.as_str(), backend = %chosen.name, "placed user");
         return Ok(chosen.clone());
     }
     Ok(shared.store.backend(&placed).await?)

@@ -398,6 +398,36 @@ async fn cleartext_login_literal_is_refused_before_the_password_is_sent() {
     assert_eq!(fake.accepted.load(Ordering::SeqCst), 1);
 }
 
+/// A user name is the client's text: a line break or an escape sequence in
+/// it must not let the client write lines of its own into usher's log.
+#[tokio::test]
+async fn user_names_cannot_forge_log_lines() {
+    let u = usher();
+    let forged = "x@example.com\n2026-01-01T00:00:00Z  INFO usher: logged in user=forged\x1b[31m";
+    for listener in ["imap", "submission"] {
+        let mut c = Client::connect(u.addr(listener)).await;
+        if listener == "imap" {
+            c.expect("* OK").await;
+            c.send(format!("a1 LOGIN {{{}+}}\r\n{forged} pw\r\n", forged.len()))
+                .await;
+            c.expect("a1 NO [AUTHENTICATIONFAILED]").await;
+        } else {
+            c.expect("220 ").await;
+            common::smtp::command(&mut c, "EHLO client.example.net").await;
+            let plain = base64_encode(format!("\0{forged}\0pw").as_bytes());
+            let reply = common::smtp::command(&mut c, &format!("AUTH PLAIN {plain}")).await;
+            assert!(reply[0].starts_with("535 "), "{reply:?}");
+        }
+    }
+    let log = u.log();
+    assert!(!log.contains('\x1b'), "raw escape in the log:\n{log}");
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-01-01")),
+        "forged line in the log:\n{log}"
+    );
+    assert_eq!(log.matches("authentication failed").count(), 2, "{log}");
+}
+
 /// Dovecot with a slow auth process says `* OK Waiting for authentication
 /// process to respond..` before its real greeting: usher waits for the
 /// real one and the login goes through with the backend's capabilities.

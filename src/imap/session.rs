@@ -378,7 +378,10 @@ impl Front {
 
     /// A failed login: the same answer for every reason (RFC 5530).
     async fn rejected(&mut self, tag: &str, user: &[u8]) -> Result<Next, Stop> {
-        info!(user = %String::from_utf8_lossy(user), "authentication failed");
+        info!(
+            user = &*String::from_utf8_lossy(user),
+            "authentication failed"
+        );
         metrics::login("imap", Outcome::Rejected);
         self.failures += 1;
         self.send(format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n").as_bytes())
@@ -551,8 +554,10 @@ impl Front {
 
 fn log_route_error(user: &User, e: &RouteError) {
     match e {
-        RouteError::Store(_) => tracing::error!(user = %user.login, error = %e, "no backend"),
-        _ => warn!(user = %user.login, error = %e, "no backend"),
+        RouteError::Store(_) => {
+            tracing::error!(user = user.login.as_str(), error = %e, "no backend")
+        }
+        _ => warn!(user = user.login.as_str(), error = %e, "no backend"),
     }
 }
 

@@ -430,7 +430,10 @@ impl Front {
 
     /// A failed login: one answer for every reason (RFC 4954 §6).
     async fn rejected(&mut self, user: &[u8]) -> Result<Next, Stop> {
-        info!(user = ?String::from_utf8_lossy(user), "authentication failed");
+        info!(
+            user = &*String::from_utf8_lossy(user),
+            "authentication failed"
+        );
         self.failures += 1;
         self.send(reply::AUTH_INVALID.as_bytes()).await?;
         if self.failures >= self.shared.config.limits.auth_failures {
@@ -606,7 +609,9 @@ impl Front {
 
 fn log_route_error(user: &User, e: &RouteError) {
     match e {
-        RouteError::Store(_) => tracing::error!(user = %user.login, error = %e, "no backend"),
-        _ => warn!(user = %user.login, error = %e, "no backend"),
+        RouteError::Store(_) => {
+            tracing::error!(user = user.login.as_str(), error = %e, "no backend")
+        }
+        _ => warn!(user = user.login.as_str(), error = %e, "no backend"),
     }
 }

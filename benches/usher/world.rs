@@ -181,11 +181,13 @@ impl World {
         }
     }
 
-    /// Restarts the proxy of `way` so that a memory measurement starts from
-    /// a fresh process, not from one whose heap earlier runs have grown.
+    /// Restarts the proxy of `way` (for direct: the backends) so that a
+    /// memory measurement starts from fresh processes, not from ones whose
+    /// heaps earlier runs have grown (imap processes serve many sessions
+    /// and outlive them here).
     pub fn refresh(&mut self, way: Way) -> anyhow::Result<()> {
         match way {
-            Way::Direct => {}
+            Way::Direct => self.backends.iter_mut().for_each(Dovecot::restart),
             Way::DovecotProxy => self.proxy.restart(),
             Way::Usher => self.usher.restart()?,
         }

@@ -109,10 +109,11 @@ async fn kick(
             Selector::User(user)
         }
         (None, Some(b), None) => Selector::Backend(b),
-        (None, None, Some(c)) => Selector::Client(
-            c.parse::<IpAddr>()
-                .map_err(|_| bad(&format!("client: {c:?} is not an IP address")))?,
-        ),
+        (None, None, Some(c)) => Selector::Client(c.parse::<IpAddr>().map_err(|_| {
+            bad(&format!(
+                "client: {c:?} is not an IP address (give it without a port)"
+            ))
+        })?),
         _ => return Err(bad("give exactly one of user, backend, client")),
     };
     let kicked = shared.sessions.kick(&selector);

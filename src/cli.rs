@@ -5,19 +5,23 @@
 //! history): they are read from a prompt, or from stdin with
 //! `--password-stdin`.
 
+use std::collections::HashMap;
 use std::io::{BufRead, IsTerminal};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::de::DeserializeOwned;
 
 use crate::admin::{KickReply, KickRequest};
 use crate::auth::hash_password;
 use crate::config::Config;
 use crate::sessions::SessionView;
-use crate::store::{BackendFields, BackendState, Change, Store};
+use crate::store::{
+    canonical_login, validate_login, BackendFields, BackendState, Change, Store, StoreError, User,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -69,9 +73,9 @@ pub enum Command {
         user: Option<String>,
         #[arg(long, group = "which")]
         backend: Option<String>,
-        /// Client IP address.
-        #[arg(long, group = "which")]
-        client: Option<String>,
+        /// Client IP address (without a port).
+        #[arg(long, group = "which", value_parser = client_ip)]
+        client: Option<IpAddr>,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -196,31 +200,103 @@ pub struct BackendArgs {
     /// Host name or IP address.
     #[arg(long)]
     pub host: Option<String>,
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub imap_port: Option<u16>,
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub submission_port: Option<u16>,
-    /// none, starttls or implicit.
+    /// How usher reaches the backend.
     #[arg(long)]
-    pub tls: Option<String>,
+    pub tls: Option<TlsArg>,
     /// CA bundle for this backend's certificate.
     #[arg(long)]
     pub ca: Option<String>,
-    /// master or passthrough.
+    /// How usher logs in to the backend.
     #[arg(long)]
-    pub login: Option<String>,
-    /// How the client address is forwarded: id, xclient, proxy or none.
+    pub login: Option<LoginArg>,
+    /// How the client address is forwarded.
     #[arg(long)]
-    pub forward: Option<String>,
+    pub forward: Option<ForwardArg>,
     #[arg(long)]
     pub pool: Option<String>,
     #[arg(long)]
     pub site: Option<String>,
     #[arg(long)]
     pub weight: Option<u32>,
-    /// active, draining or disabled.
+    /// Whether the backend takes new work.
     #[arg(long)]
-    pub state: Option<String>,
+    pub state: Option<StateArg>,
+}
+
+// The values below are spelt as the store's schema spells them (its CHECK
+// constraints); clap lists them when a value is wrong.
+
+/// `--tls`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TlsArg {
+    /// Cleartext only.
+    None,
+    /// Cleartext, upgraded with STARTTLS.
+    Starttls,
+    /// TLS from the first byte (993, 465).
+    Implicit,
+}
+
+/// `--login`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LoginArg {
+    /// SASL PLAIN as the configured master user.
+    Master,
+    /// The client's own password.
+    Passthrough,
+}
+
+/// `--forward`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ForwardArg {
+    /// Not forwarded.
+    None,
+    /// IMAP ID (and XCLIENT on submission).
+    Id,
+    /// XCLIENT (and IMAP ID on IMAP).
+    Xclient,
+    /// A PROXY protocol v2 header.
+    Proxy,
+}
+
+/// `--state`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StateArg {
+    /// Takes new users and sessions.
+    Active,
+    /// Keeps its users; no new ones are placed there.
+    Draining,
+    /// Takes nothing.
+    Disabled,
+}
+
+/// The spelling the store keeps for a command-line value.
+fn spelling(value: impl ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
+impl BackendArgs {
+    /// Whether no setting was given.
+    fn is_empty(&self) -> bool {
+        self.host.is_none()
+            && self.imap_port.is_none()
+            && self.submission_port.is_none()
+            && self.tls.is_none()
+            && self.ca.is_none()
+            && self.login.is_none()
+            && self.forward.is_none()
+            && self.pool.is_none()
+            && self.site.is_none()
+            && self.weight.is_none()
+            && self.state.is_none()
+    }
 }
 
 impl From<BackendArgs> for BackendFields {
@@ -229,15 +305,29 @@ impl From<BackendArgs> for BackendFields {
             host: a.host,
             imap_port: a.imap_port,
             submission_port: a.submission_port,
-            tls: a.tls,
+            tls: a.tls.map(spelling),
             ca_file: a.ca,
-            login: a.login,
-            forward: a.forward,
+            login: a.login.map(spelling),
+            forward: a.forward.map(spelling),
             pool: a.pool,
             site: a.site,
             weight: a.weight,
-            state: a.state,
+            state: a.state.map(spelling),
         }
+    }
+}
+
+/// `--client`: an IP address, which is what the session registry matches.
+fn client_ip(s: &str) -> Result<IpAddr, String> {
+    if let Ok(ip) = s.parse() {
+        return Ok(ip);
+    }
+    match s.parse::<SocketAddr>() {
+        Ok(addr) => Err(format!(
+            "not an IP address: give it without the port, e.g. {}",
+            addr.ip()
+        )),
+        Err(_) => Err("not an IP address (e.g. 192.0.2.7 or 2001:db8::7)".into()),
     }
 }
 
@@ -245,7 +335,9 @@ impl From<BackendArgs> for BackendFields {
 fn read_password(input: &PasswordInput) -> anyhow::Result<Vec<u8>> {
     let password = if input.password_stdin || !std::io::stdin().is_terminal() {
         let mut line = Vec::new();
-        std::io::stdin().lock().read_until(b'\n', &mut line)?;
+        if std::io::stdin().lock().read_until(b'\n', &mut line)? == 0 {
+            bail!("no password on stdin");
+        }
         if line.ends_with(b"\n") {
             line.pop();
             if line.ends_with(b"\r") {
@@ -287,15 +379,13 @@ pub async fn run(config: &Config, command: Command) -> anyhow::Result<()> {
             let request = KickRequest {
                 user,
                 backend,
-                client,
+                client: client.map(|ip| ip.to_string()),
             };
-            return kick(config, &admin, &request);
+            return kick(config, &admin, &request).await;
         }
         _ => {}
     }
-    let store = Store::open(config.store.url.expose())
-        .await
-        .context("opening the store")?;
+    let store = open_store(config).await?;
     match command {
         Command::User(cmd) => user(config, &store, cmd).await,
         Command::Backend(cmd) => backend(&store, cmd).await,
@@ -303,34 +393,89 @@ pub async fn run(config: &Config, command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// The admin endpoint's base URL and token.
-fn admin_endpoint(config: &Config, args: &AdminArgs) -> anyhow::Result<(String, String)> {
-    let admin = config
-        .admin
-        .as_ref()
-        .context("the config has no [admin] section: no running server to ask")?;
-    let addr = args.admin.unwrap_or(admin.address);
-    Ok((format!("http://{addr}"), admin.token.expose().clone()))
+async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    Store::open(config.store.url.expose())
+        .await
+        .context("opening the store")
 }
 
-fn admin_error(base: &str, e: ureq::Error) -> anyhow::Error {
-    match e {
-        ureq::Error::StatusCode(401) => {
-            anyhow::anyhow!("{base}: the admin token was refused (check admin.token)")
+/// A running server's admin endpoint.
+struct AdminEndpoint {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl AdminEndpoint {
+    fn new(config: &Config, args: &AdminArgs) -> anyhow::Result<AdminEndpoint> {
+        let admin = config
+            .admin
+            .as_ref()
+            .context("the config has no [admin] section: no running server to ask")?;
+        let addr = args.admin.unwrap_or(admin.address);
+        // Statuses are read here, so that an error answer's text is shown.
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Ok(AdminEndpoint {
+            base: format!("http://{addr}"),
+            token: admin.token.expose().clone(),
+            agent,
+        })
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let sent = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call();
+        self.answer(sent)
+    }
+
+    fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> anyhow::Result<T> {
+        let sent = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .send_json(body);
+        self.answer(sent)
+    }
+
+    /// The JSON of a 2xx answer; anything else as an error that carries the
+    /// server's own text, which says what it did not like.
+    fn answer<T: DeserializeOwned>(
+        &self,
+        sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> anyhow::Result<T> {
+        let base = &self.base;
+        let mut response =
+            sent.map_err(|e| anyhow!("{base}: cannot reach the running server: {e}"))?;
+        let status = response.status();
+        if status == ureq::http::StatusCode::UNAUTHORIZED {
+            bail!("{base}: the admin token was refused (check admin.token)");
         }
-        ureq::Error::StatusCode(code) => anyhow::anyhow!("{base}: the server answered {code}"),
-        other => anyhow::anyhow!("{base}: cannot reach the running server: {other}"),
+        if !status.is_success() {
+            let text = response.body_mut().read_to_string().unwrap_or_default();
+            match text.trim() {
+                "" => bail!("{base}: the server answered {status}"),
+                text => bail!("{base}: the server answered {status}: {text}"),
+            }
+        }
+        response
+            .body_mut()
+            .read_json()
+            .with_context(|| format!("{base}: reading the server's answer"))
     }
 }
 
 fn sessions(config: &Config, args: &AdminArgs) -> anyhow::Result<()> {
-    let (base, token) = admin_endpoint(config, args)?;
-    let list: Vec<SessionView> = ureq::get(format!("{base}/sessions"))
-        .header("Authorization", format!("Bearer {token}"))
-        .call()
-        .map_err(|e| admin_error(&base, e))?
-        .body_mut()
-        .read_json()?;
+    let list: Vec<SessionView> = AdminEndpoint::new(config, args)?.get("/sessions")?;
     let now = unix_now().as_secs();
     println!(
         "{:<8} {:<32} {:<12} {:<24} {:<14} {:>8} {:>12} {:>12}",
@@ -353,7 +498,7 @@ fn sessions(config: &Config, args: &AdminArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn kick(config: &Config, args: &AdminArgs, request: &KickRequest) -> anyhow::Result<()> {
+async fn kick(config: &Config, args: &AdminArgs, request: &KickRequest) -> anyhow::Result<()> {
     let given = [&request.user, &request.backend, &request.client]
         .iter()
         .filter(|v| v.is_some())
@@ -361,15 +506,47 @@ fn kick(config: &Config, args: &AdminArgs, request: &KickRequest) -> anyhow::Res
     if given != 1 {
         bail!("name exactly one of --user, --backend, --client");
     }
-    let (base, token) = admin_endpoint(config, args)?;
-    let reply: KickReply = ureq::post(format!("{base}/kick"))
-        .header("Authorization", format!("Bearer {token}"))
-        .send_json(request)
-        .map_err(|e| admin_error(&base, e))?
-        .body_mut()
-        .read_json()?;
-    println!("ended {} session(s)", reply.kicked);
+    let reply: KickReply = AdminEndpoint::new(config, args)?.post("/kick", request)?;
+    if reply.kicked > 0 {
+        println!("ended {} session(s)", reply.kicked);
+        return Ok(());
+    }
+    // Nothing ended. The server takes any name (a removed user may still
+    // be connected), so a name the store does not know either is most
+    // likely a typo: say so, and fail.
+    if let Some(client) = &request.client {
+        println!("no live session from client {client}");
+        return Ok(());
+    }
+    let store = open_store(config).await?;
+    if let Some(login) = &request.user {
+        let user = existing_user(&store, login).await?;
+        println!("no live session of user {}", user.login);
+    } else if let Some(name) = &request.backend {
+        store.backend(name).await?;
+        println!("no live session on backend {name}");
+    }
     Ok(())
+}
+
+/// The user `login` names (a login or an alias), or "no such user".
+async fn existing_user(store: &Store, login: &str) -> anyhow::Result<User> {
+    let user = store.find_user(login).await?;
+    Ok(user.ok_or_else(|| StoreError::NoUser(canonical_login(login)))?)
+}
+
+/// When the running servers end a user's sessions after a change: at
+/// their next read of the change feed.
+fn sessions_end(config: &Config) -> String {
+    let wait = config.store.follow_interval;
+    if wait <= Duration::from_secs(1) {
+        "live sessions end within a second".into()
+    } else {
+        format!(
+            "live sessions end within {}",
+            humantime::format_duration(wait)
+        )
+    }
 }
 
 fn unix_now() -> Duration {
@@ -378,44 +555,68 @@ fn unix_now() -> Duration {
         .unwrap_or_default()
 }
 
-/// `usher user import`: see [`UserCommand::Import`].
+/// `usher user import`: see [`UserCommand::Import`]. Every line is
+/// checked before anything is added, and a bad one is named by its number.
 async fn import_users(
     config: &Config,
     store: &Store,
     backend: Option<&str>,
     hashed: bool,
 ) -> anyhow::Result<usize> {
+    if let Some(name) = backend {
+        store.backend(name).await?;
+    }
     let mut users = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
     for (i, line) in std::io::stdin().lock().lines().enumerate() {
-        let line = line.with_context(|| format!("stdin line {}", i + 1))?;
+        let n = i + 1;
+        let line = line.with_context(|| format!("stdin line {n}"))?;
         let line = line.trim_end_matches('\r');
         if line.trim().is_empty() {
             continue;
         }
-        let Some((login, password)) = line.split_once(' ') else {
-            bail!(
-                "stdin line {}: expected a login, a space and a password",
-                i + 1
-            );
-        };
-        if password.is_empty() || password.chars().any(|c| c.is_control()) {
-            bail!(
-                "stdin line {}: the password is empty or has control characters",
-                i + 1
-            );
-        }
+        let (login, password) = import_line(store, line, &seen)
+            .await
+            .with_context(|| format!("stdin line {n}"))?;
         let hash = if hashed {
             if !crate::auth::is_supported(password) {
-                bail!("stdin line {}: not a hash scheme usher can verify", i + 1);
+                bail!("stdin line {n}: not a hash scheme usher can verify");
             }
             password.to_string()
         } else {
             hash_password(&config.auth, password.as_bytes())
         };
-        users.push((login.to_string(), hash));
+        seen.insert(login.clone(), n);
+        users.push((login, hash));
     }
     store.add_users(&users, backend).await?;
     Ok(users.len())
+}
+
+/// One line of an import: the canonical login, new to the store and to the
+/// lines before (`seen`, by line number), and the password.
+async fn import_line<'a>(
+    store: &Store,
+    line: &'a str,
+    seen: &HashMap<String, usize>,
+) -> anyhow::Result<(String, &'a str)> {
+    let Some((login, password)) = line.split_once(' ') else {
+        bail!("expected a login, a space and a password");
+    };
+    let login = canonical_login(login);
+    validate_login(&login)?;
+    if let Some(first) = seen.get(&login) {
+        bail!("{login} is already on line {first}");
+    }
+    match store.find_user(&login).await? {
+        Some(u) if u.login == login => bail!("{login} already exists"),
+        Some(u) => bail!("{login} already exists as an alias of {}", u.login),
+        None => {}
+    }
+    if password.is_empty() || password.chars().any(|c| c.is_control()) {
+        bail!("the password is empty or has control characters");
+    }
+    Ok((login, password))
 }
 
 /// `usher user move`: see [`UserCommand::Move`].
@@ -426,10 +627,7 @@ async fn move_user(
     backend: &str,
     hold: Duration,
 ) -> anyhow::Result<()> {
-    let user = store
-        .find_user(login)
-        .await?
-        .with_context(|| format!("no such user: {login}"))?;
+    let user = existing_user(store, login).await?;
     let target = store.backend(backend).await?;
     if target.state == BackendState::Disabled {
         bail!("backend {backend} is disabled");
@@ -458,28 +656,42 @@ async fn move_user(
 }
 
 async fn user(config: &Config, store: &Store, cmd: UserCommand) -> anyhow::Result<()> {
+    let ends = sessions_end(config);
     match cmd {
         UserCommand::Add {
             login,
             backend,
             password,
-        } => {
-            let hash = hash_password(&config.auth, &read_password(&password)?);
-            store.add_user(&login, &hash, backend.as_deref()).await?;
-            println!("added {login}");
-        }
+        } => add_user(config, store, &login, backend.as_deref(), &password).await?,
         UserCommand::Import { backend, hashed } => {
             let n = import_users(config, store, backend.as_deref(), hashed).await?;
             println!("added {n} user(s)");
         }
         UserCommand::Passwd { login, password } => {
+            // Asked only once the user is known to exist.
+            let user = existing_user(store, &login).await?;
             let hash = hash_password(&config.auth, &read_password(&password)?);
-            store.set_password(&login, &hash).await?;
-            println!("password changed for {login}");
+            store.set_password(&user.login, &hash).await?;
+            println!("password changed for {}; {ends}", user.login);
         }
-        UserCommand::Disable { login } => store.set_enabled(&login, false).await?,
-        UserCommand::Enable { login } => store.set_enabled(&login, true).await?,
-        UserCommand::Remove { login } => store.remove_user(&login).await?,
+        UserCommand::Disable { login } => {
+            let user = existing_user(store, &login).await?;
+            store.set_enabled(&user.login, false).await?;
+            println!("disabled {}; {ends}", user.login);
+        }
+        UserCommand::Enable { login } => {
+            let user = existing_user(store, &login).await?;
+            store.set_enabled(&user.login, true).await?;
+            println!("enabled {}", user.login);
+        }
+        UserCommand::Remove { login } => {
+            let user = existing_user(store, &login).await?;
+            store.remove_user(&user.login).await?;
+            match &user.backend {
+                Some(b) => println!("removed {} (the mail stays on {b}); {ends}", user.login),
+                None => println!("removed {}; {ends}", user.login),
+            }
+        }
         UserCommand::Show { login } => show_user(store, &login).await?,
         UserCommand::List => {
             println!(
@@ -504,7 +716,15 @@ async fn user(config: &Config, store: &Store, cmd: UserCommand) -> anyhow::Resul
             if backend.is_none() && !none {
                 bail!("name a backend, or --none to clear the assignment");
             }
-            store.assign(&login, backend.as_deref()).await?;
+            let user = existing_user(store, &login).await?;
+            store.assign(&user.login, backend.as_deref()).await?;
+            match backend {
+                Some(b) => println!("assigned {} to {b}; {ends}", user.login),
+                None => println!(
+                    "{} is unassigned and placed at the next login; {ends}",
+                    user.login
+                ),
+            }
         }
         UserCommand::Fallback {
             login,
@@ -514,11 +734,37 @@ async fn user(config: &Config, store: &Store, cmd: UserCommand) -> anyhow::Resul
             if backend.is_none() && !none {
                 bail!("name a backend, or --none to clear the fallback");
             }
-            store.set_fallback(&login, backend.as_deref()).await?;
+            let user = existing_user(store, &login).await?;
+            store.set_fallback(&user.login, backend.as_deref()).await?;
+            let own = user.backend.as_deref().unwrap_or("its backend");
+            match backend {
+                Some(b) => println!("{} falls back to {b} while {own} is down", user.login),
+                None => println!("cleared the fallback of {}", user.login),
+            }
         }
-        UserCommand::AliasAdd { alias, login } => store.add_alias(&alias, &login).await?,
-        UserCommand::AliasRemove { alias } => store.remove_alias(&alias).await?,
-        UserCommand::Note { login, note } => store.set_note(&login, note.as_deref()).await?,
+        UserCommand::AliasAdd { alias, login } => {
+            store.add_alias(&alias, &login).await?;
+            let user = existing_user(store, &login).await?;
+            let alias = canonical_login(&alias);
+            println!("{alias} is now an alias of {}", user.login);
+        }
+        UserCommand::AliasRemove { alias } => {
+            let user = store.find_user(&alias).await?;
+            store.remove_alias(&alias).await?;
+            let alias = canonical_login(&alias);
+            match user {
+                Some(u) => println!("removed alias {alias} of {}", u.login),
+                None => println!("removed alias {alias}"),
+            }
+        }
+        UserCommand::Note { login, note } => {
+            let user = existing_user(store, &login).await?;
+            store.set_note(&user.login, note.as_deref()).await?;
+            match note {
+                Some(_) => println!("set the note of {}", user.login),
+                None => println!("cleared the note of {}", user.login),
+            }
+        }
         UserCommand::Move {
             login,
             backend,
@@ -528,11 +774,34 @@ async fn user(config: &Config, store: &Store, cmd: UserCommand) -> anyhow::Resul
     Ok(())
 }
 
+/// `usher user add`: the login and backend are checked before the password
+/// is asked for.
+async fn add_user(
+    config: &Config,
+    store: &Store,
+    login: &str,
+    backend: Option<&str>,
+    password: &PasswordInput,
+) -> anyhow::Result<()> {
+    let login = canonical_login(login);
+    validate_login(&login)?;
+    if store.find_user(&login).await?.is_some() {
+        return Err(StoreError::Exists(login).into());
+    }
+    if let Some(name) = backend {
+        store.backend(name).await?;
+    }
+    let hash = hash_password(&config.auth, &read_password(password)?);
+    store.add_user(&login, &hash, backend).await?;
+    match backend {
+        Some(b) => println!("added {login} on {b}"),
+        None => println!("added {login}; placed on a backend at the first login"),
+    }
+    Ok(())
+}
+
 async fn show_user(store: &Store, login: &str) -> anyhow::Result<()> {
-    let u = store
-        .find_user(login)
-        .await?
-        .with_context(|| format!("no such user: {login}"))?;
+    let u = existing_user(store, login).await?;
     println!("login:    {}", u.login);
     println!("enabled:  {}", if u.enabled { "yes" } else { "no" });
     println!("backend:  {}", u.backend.as_deref().unwrap_or("-"));
@@ -546,9 +815,21 @@ async fn show_user(store: &Store, login: &str) -> anyhow::Result<()> {
 
 async fn backend(store: &Store, cmd: BackendCommand) -> anyhow::Result<()> {
     match cmd {
-        BackendCommand::Add { name, fields } => store.add_backend(&name, &fields.into()).await?,
-        BackendCommand::Set { name, fields } => store.set_backend(&name, &fields.into()).await?,
-        BackendCommand::Remove { name } => store.remove_backend(&name).await?,
+        BackendCommand::Add { name, fields } => {
+            store.add_backend(&name, &fields.into()).await?;
+            println!("added backend {name}");
+        }
+        BackendCommand::Set { name, fields } => {
+            if fields.is_empty() {
+                bail!("name a setting to change, e.g. --weight 200 (see --help)");
+            }
+            store.set_backend(&name, &fields.into()).await?;
+            println!("changed backend {name}");
+        }
+        BackendCommand::Remove { name } => {
+            store.remove_backend(&name).await?;
+            println!("removed backend {name}");
+        }
         BackendCommand::Drain { name, kick_over } => {
             let draining = BackendFields {
                 state: Some("draining".into()),

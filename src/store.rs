@@ -20,6 +20,10 @@ pub enum StoreError {
     NoUser(String),
     #[error("no such backend: {0}")]
     NoBackend(String),
+    #[error("no such alias: {0}")]
+    NoAlias(String),
+    #[error("{0} is a user's login, not an alias (`usher user remove {0}` deletes the user)")]
+    NotAlias(String),
     #[error("{0} already exists")]
     Exists(String),
     #[error("backend {0} still serves users; move them first")]
@@ -483,7 +487,12 @@ impl Store {
             .execute(&self.pool)
             .await?;
         if done.rows_affected() == 0 {
-            return Err(StoreError::NoUser(alias));
+            let login = self.find_user(&alias).await?.map(|u| u.login);
+            return Err(if login.as_ref() == Some(&alias) {
+                StoreError::NotAlias(alias)
+            } else {
+                StoreError::NoAlias(alias)
+            });
         }
         self.event(Change::Alias, &alias, None).await
     }
@@ -683,7 +692,8 @@ enum Value<'a> {
     Int(Option<i64>),
 }
 
-fn validate_login(login: &str) -> Result<(), StoreError> {
+/// Checks that a (canonical) login is a full address usher can store.
+pub fn validate_login(login: &str) -> Result<(), StoreError> {
     let ok = match login.rsplit_once('@') {
         Some((local, domain)) => !local.is_empty() && domain.contains('.') || domain == "localhost",
         None => false,

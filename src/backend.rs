@@ -14,6 +14,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use crate::net::{client_config, Stream};
+use crate::store::{Backend, Forward};
 
 /// Longest line usher reads from a backend before login completes.
 pub const MAX_BACKEND_LINE: usize = 64 * 1024;
@@ -112,6 +113,67 @@ pub async fn connect(host: &str, port: u16) -> Result<TcpStream, BackendError> {
         .map_err(BackendError::Connect)?;
     tcp.set_nodelay(true).map_err(BackendError::Connect)?;
     Ok(tcp)
+}
+
+/// Opens a TCP connection to `backend` on `port`. A backend that takes
+/// PROXY headers (`forward = "proxy"`) gets a version 2 header as the very
+/// first bytes, before TLS: the client's addresses for a client's session,
+/// or the LOCAL command for usher's own probes (`client` is `None`), which
+/// the receiver treats as a health check from the proxy itself.
+pub async fn connect_backend(
+    backend: &Backend,
+    port: u16,
+    client: Option<ClientAddrs>,
+) -> Result<TcpStream, BackendError> {
+    let mut tcp = connect(&backend.host, port).await?;
+    if backend.forward == Forward::Proxy {
+        tcp.write_all(&proxy_v2_header(client)?).await?;
+    }
+    Ok(tcp)
+}
+
+/// A PROXY protocol version 2 header for `client` (LOCAL when `None`).
+fn proxy_v2_header(client: Option<ClientAddrs>) -> Result<Vec<u8>, BackendError> {
+    use ppp::v2::{Builder, Command, Protocol, Version};
+    let built = match client {
+        None => Builder::with_addresses(
+            Version::Two | Command::Local,
+            Protocol::Unspecified,
+            ppp::v2::Addresses::Unspecified,
+        )
+        .build(),
+        Some(c) => {
+            // Both addresses of one family: a v4 client on a v6 listener
+            // arrives mapped, and goes on as plain v4 when both are.
+            let (peer, local) = (unmap(c.peer), unmap(c.local));
+            let pair = if peer.is_ipv4() == local.is_ipv4() {
+                (peer, local)
+            } else {
+                (as_v6(peer), as_v6(local))
+            };
+            Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, pair).build()
+        }
+    };
+    built.map_err(BackendError::Io)
+}
+
+/// `addr` with an IPv4-mapped IPv6 address turned into plain IPv4.
+fn unmap(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// `addr` as IPv6 (IPv4 mapped), for a header whose other address is v6.
+fn as_v6(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(v4) => SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
+        v6 => v6,
+    }
 }
 
 /// A stream read line by line, keeping what follows the last line.

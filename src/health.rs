@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
 use tokio::time::{timeout, MissedTickBehavior};
 
-use crate::backend::{connect, BackendError, ClientAddrs, LineReader};
+use crate::backend::{connect_backend, BackendError, ClientAddrs, LineReader};
 use crate::config::TlsMode;
 use crate::imap::backend::{self as imap_backend, Credentials};
 use crate::net::Stream;
@@ -78,7 +78,7 @@ async fn probe(shared: &Shared, b: &Backend) -> Result<(), BackendError> {
         (None, Some(p)) => (p, b"220"),
         (None, None) => return Ok(()),
     };
-    let tcp = connect(&b.host, port).await?;
+    let tcp = connect_backend(b, port, None).await?;
     let stream = match b.tls {
         TlsMode::Implicit => {
             shared

@@ -62,12 +62,24 @@ pub enum LoginMode {
 }
 
 /// How the client's address is passed to a backend.
+///
+/// `Id` and `Xclient` both mean each protocol's own way, since one backend
+/// row serves both protocols: IMAP `ID ("x-originating-ip" …)` on IMAP
+/// and `XCLIENT ADDR= PORT= …` on submission, each only where the backend
+/// offers it. `Proxy` is a PROXY protocol v2 header before anything else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Forward {
     None,
     Id,
     Xclient,
     Proxy,
+}
+
+impl Forward {
+    /// Whether the address goes inside the protocol (ID, XCLIENT).
+    pub fn is_native(self) -> bool {
+        matches!(self, Forward::Id | Forward::Xclient)
+    }
 }
 
 /// Whether a backend takes new work.

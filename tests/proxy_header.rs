@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use common::client::Client;
-use common::dovecot::{Dovecot, DovecotOpts};
+use common::dovecot::{Dovecot, DovecotOpts, Tuning};
 use common::fake::{FakeImap, Script};
 use common::smtp::{self, auth_plain, command};
 use common::usher::{Usher, UsherOpts};
@@ -565,4 +565,59 @@ async fn submission_forwards_the_headers_client_by_xclient() {
     c.send(v1("198.51.100.99:9999", "192.0.2.1:465")).await;
     refused(&mut c, "421 4.7.0 PROXY protocol error").await;
     assert!(!w.dovecot.log().contains("198.51.100.99"));
+}
+
+/// A backend set to `--forward xclient` (as for a Dovecot that serves
+/// submission too) still learns an IMAP client's address, through ID:
+/// `id` and `xclient` both mean each protocol's own way.
+#[tokio::test]
+async fn a_backend_forwarding_by_xclient_gets_imap_clients_by_id() {
+    let w = World::start();
+    w.usher
+        .ok(&["backend", "set", "imap1", "--forward", "xclient"], None);
+    let mut c = connect_from(Ipv4Addr::new(127, 0, 0, 2), w.usher.addr("imap")).await;
+    c.expect("* OK").await;
+    c.send(b"a1 LOGIN alice@example.com secret\r\n").await;
+    c.expect("a1 OK").await;
+    w.dovecot_saw("rip=127.0.0.2");
+}
+
+/// `--forward proxy`: usher opens each backend connection with a PROXY v2
+/// header, the client's addresses for a session and LOCAL for its own
+/// probes, so a Dovecot whose listeners require the header (haproxy = yes)
+/// stays healthy and logs the real client.
+#[tokio::test]
+async fn a_backend_forwarding_by_proxy_header_sees_the_client() {
+    let dovecot = Dovecot::start_tuned(
+        DovecotOpts::default(),
+        Tuning {
+            haproxy: true,
+            ..Tuning::default()
+        },
+    );
+    let usher = Usher::start(UsherOpts {
+        extra: "[health]\ninterval = \"200ms\"\ntimeout = \"1s\"\ndown_after = 1\n".into(),
+        ..UsherOpts::default()
+    });
+    usher.add_backend("imap1", &dovecot);
+    usher.ok(&["backend", "set", "imap1", "--forward", "proxy"], None);
+    usher.add_user("alice@example.com", b"secret", "imap1");
+    // Several probe rounds, each a LOCAL header: the backend stays up.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for from in [Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3)] {
+        let mut c = connect_from(from, usher.addr("imap")).await;
+        c.expect("* OK").await;
+        c.send(b"a1 LOGIN alice@example.com secret\r\n").await;
+        c.expect("a1 OK").await;
+        c.send(b"a2 SELECT INBOX\r\n").await;
+        c.expect("* FLAGS").await;
+        let needle = format!("rip={from}");
+        assert!(
+            dovecot.wait_for_log(&needle, WAIT),
+            "Dovecot never logged {needle:?}:\n{}",
+            dovecot.log()
+        );
+    }
+    let log = usher.log();
+    assert!(!log.contains("backend is down"), "{log}");
 }

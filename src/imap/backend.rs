@@ -11,11 +11,11 @@
 use base64::Engine;
 use imap_proto::types::{Capability, Response, ResponseCode, Status};
 
-use crate::backend::{connect, BackendError, BackendTls, ClientAddrs, LineReader};
+use crate::backend::{connect_backend, BackendError, BackendTls, ClientAddrs, LineReader};
 use crate::config::TlsMode;
 use crate::net::Stream;
 use crate::secret::Secret;
-use crate::store::{Backend, Forward, LoginMode};
+use crate::store::{Backend, LoginMode};
 
 /// Who usher logs in as.
 pub struct Credentials<'a> {
@@ -62,7 +62,7 @@ pub async fn login(
     let port = backend.imap_port.ok_or_else(|| {
         BackendError::Config(format!("backend {} has no imap_port", backend.name))
     })?;
-    let tcp = connect(&backend.host, port).await?;
+    let tcp = connect_backend(backend, port, Some(addrs)).await?;
     let stream = match backend.tls {
         TlsMode::Implicit => {
             tls.wrap(tcp, &backend.host, backend.ca_file.as_deref())
@@ -83,7 +83,7 @@ pub async fn login(
     // ID and AUTHENTICATE go in one write: one round trip fewer per login,
     // and RFC 9051 §5.5 lets a client pipeline these.
     let mut out = Vec::new();
-    if backend.forward == Forward::Id && has(&caps, "ID") {
+    if backend.forward.is_native() && has(&caps, "ID") {
         out.extend_from_slice(&id_command(addrs, session_id));
     }
     let plain = plain_message(backend.login, creds)?;

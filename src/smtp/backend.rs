@@ -27,11 +27,11 @@ use base64::Engine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::parse::{extensions, find, parse_reply, xtext, Extension, Reply, BACKEND_REPLY_LIMITS};
-use crate::backend::{connect, BackendError, BackendTls, ClientAddrs};
+use crate::backend::{connect_backend, BackendError, BackendTls, ClientAddrs};
 use crate::config::TlsMode;
 use crate::net::Stream;
 use crate::secret::Secret;
-use crate::store::{Backend, Forward, LoginMode};
+use crate::store::{Backend, LoginMode};
 
 /// Longest XCLIENT command line, CRLF included (Postfix's limit).
 pub const XCLIENT_LINE_MAX: usize = 512;
@@ -202,11 +202,12 @@ async fn open(
     backend: &Backend,
     tls: &BackendTls,
     hostname: &str,
+    client: Option<ClientAddrs>,
 ) -> Result<(Conn, Vec<Extension>), BackendError> {
     let port = backend.submission_port.ok_or_else(|| {
         BackendError::Config(format!("backend {} has no submission_port", backend.name))
     })?;
-    let tcp = connect(&backend.host, port).await?;
+    let tcp = connect_backend(backend, port, client).await?;
     let stream = match backend.tls {
         TlsMode::Implicit => {
             tls.wrap(tcp, &backend.host, backend.ca_file.as_deref())
@@ -235,9 +236,9 @@ pub async fn login(
     hostname: &str,
     who: &Identity<'_>,
 ) -> Result<LoggedIn, BackendError> {
-    let (mut conn, mut exts) = open(backend, tls, hostname).await?;
+    let (mut conn, mut exts) = open(backend, tls, hostname, Some(who.addrs)).await?;
     let mut login_forwarded = false;
-    if backend.forward == Forward::Xclient {
+    if backend.forward.is_native() {
         match find(&exts, "XCLIENT").cloned() {
             Some(ext) => {
                 login_forwarded = conn.xclient(&ext, who).await?;
@@ -246,9 +247,6 @@ pub async fn login(
             None => tracing::debug!(backend = %backend.name, "backend does not offer XCLIENT"),
         }
     }
-    // TODO: forward = "proxy" (a PROXY v2 header before the greeting) is
-    // not sent yet; such backends see usher's address. The listener side
-    // needs the same header parser first.
     match find(&exts, "AUTH").cloned() {
         Some(ext) => conn.auth_plain(&ext, backend.login, who).await?,
         // A backend that trusts usher's XCLIENT (Postfix) takes LOGIN= as
@@ -267,7 +265,7 @@ pub async fn probe(
     tls: &BackendTls,
     hostname: &str,
 ) -> Result<Vec<Extension>, BackendError> {
-    let (mut conn, exts) = open(backend, tls, hostname).await?;
+    let (mut conn, exts) = open(backend, tls, hostname, None).await?;
     // A polite end; the answer does not matter.
     let _ = conn.send(b"QUIT\r\n").await;
     Ok(exts)

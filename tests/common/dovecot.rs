@@ -50,7 +50,7 @@
 //! no Dovecot behind.
 
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, ErrorKind};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -130,6 +130,9 @@ pub struct Tuning {
     /// entries of [`Dovecot::set_proxy_users`], one file per service, and
     /// are relayed to the backend each entry names.
     pub proxy: bool,
+    /// The imap and submission listeners expect a PROXY protocol header
+    /// (v1 or v2) from loopback before anything else (`haproxy = yes`).
+    pub haproxy: bool,
 }
 
 /// One user of a proxy instance: the password hash checked at the proxy
@@ -418,7 +421,12 @@ impl Dovecot {
         );
         fs::write(self.layout.config(), config).expect("write dovecot.conf");
         let mut child = self.spawn();
-        let result = wait_ready(&mut child, self.ports.imap, &self.layout.greeting());
+        let result = wait_ready(
+            &mut child,
+            self.ports.imap,
+            &self.layout.greeting(),
+            self.tuning.haproxy,
+        );
         self.child = Some(child);
         if result.is_err() {
             // Reap the supervisor (and a half-started Dovecot) before a
@@ -746,8 +754,29 @@ fn render_config(
         imap_config(ports, &sizes),
         submission_config(ports, opts.submission, &sizes),
         tls_config(opts.tls),
+        haproxy_config(tuning.haproxy),
     ]
     .concat()
+}
+
+/// Dovecot merges these into the listeners defined above.
+fn haproxy_config(haproxy: bool) -> String {
+    if !haproxy {
+        return String::new();
+    }
+    "haproxy_trusted_networks = 127.0.0.0/8 ::1/128
+service imap-login {
+  inet_listener imap {
+    haproxy = yes
+  }
+}
+service submission-login {
+  inet_listener submission {
+    haproxy = yes
+  }
+}
+"
+    .to_string()
 }
 
 /// Service sizes: the defaults serve about 2,000 sessions; a benchmark
@@ -1131,13 +1160,18 @@ fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 }
 
 /// Waits until the IMAP port sends this instance's greeting.
-fn wait_ready(child: &mut Child, port: u16, greeting: &str) -> Result<(), LaunchError> {
+fn wait_ready(
+    child: &mut Child,
+    port: u16,
+    greeting: &str,
+    haproxy: bool,
+) -> Result<(), LaunchError> {
     let deadline = Instant::now() + READY_TIMEOUT;
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait().expect("wait for dovecot") {
             return Err(LaunchError::Exited(status));
         }
-        if read_greeting(port).is_some_and(|line| is_greeting(&line, greeting)) {
+        if read_greeting(port, haproxy).is_some_and(|line| is_greeting(&line, greeting)) {
             return Ok(());
         }
         thread::sleep(Duration::from_millis(20));
@@ -1146,10 +1180,15 @@ fn wait_ready(child: &mut Child, port: u16, greeting: &str) -> Result<(), Launch
 }
 
 /// The first line a server on `port` sends, if it accepts and sends one.
-fn read_greeting(port: u16) -> Option<String> {
-    let stream =
+/// The first line on `port`; a listener that expects a PROXY header gets
+/// a version 1 `UNKNOWN` one first (a connection of the proxy's own).
+fn read_greeting(port: u16, haproxy: bool) -> Option<String> {
+    let mut stream =
         TcpStream::connect_timeout(&net::loopback(port), Duration::from_millis(200)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    if haproxy {
+        stream.write_all(b"PROXY UNKNOWN\r\n").ok()?;
+    }
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line).ok()?;
     Some(line)

@@ -232,7 +232,7 @@ master_password_file = "$dir/master-password"
 interval = "2s"
 
 [admin]
-# A fixed port, so that `usher sessions` and `usher kick` find it.
+# A fixed port, so that "usher sessions" and "usher kick" find it.
 address = "127.0.0.1:$admin_port"
 token = "$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
 EOF

@@ -531,6 +531,28 @@ async fn bdat_before_auth_skips_its_chunk() {
     .await;
 }
 
+/// A BDAT chunk before AUTH larger than usher skips (64 KiB) closes the
+/// session at once, before its octets are read: an unauthenticated client
+/// cannot make usher read without end.
+#[tokio::test]
+async fn huge_bdat_before_auth_closes_at_once() {
+    let w = World::start();
+    let mut c = w.client().await;
+    let started = Instant::now();
+    c.send(b"BDAT 999999999999 LAST\r\n").await;
+    let bye = c.line().await;
+    assert!(bye.starts_with("421 4.4.2 usher.test"), "{bye}");
+    assert!(bye.contains("BDAT chunk too large"), "{bye}");
+    assert!(c.closes_within(Duration::from_secs(5)).await);
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // The largest chunk usher still skips.
+    let mut c = w.client().await;
+    c.send(format!("BDAT {} LAST\r\n", 64 * 1024)).await;
+    c.send(vec![b'x'; 64 * 1024]).await;
+    assert_eq!(c.line().await, AUTH_REQUIRED);
+    exchange(&mut c, "NOOP", OK).await;
+}
+
 /// A BDAT whose size cannot be read cannot be skipped: usher closes.
 #[tokio::test]
 async fn bdat_with_an_unreadable_size_closes() {

@@ -73,6 +73,8 @@ pub mod reply {
         LineTooLong,
         /// A BDAT without a readable size: its chunk cannot be skipped.
         Unsynchronised,
+        /// A BDAT chunk before AUTH too large to skip.
+        ChunkTooLarge,
         /// No byte moved for the relay's idle time.
         Idle,
         Kicked,
@@ -89,6 +91,9 @@ pub mod reply {
                 }
                 Closing::LineTooLong => "Error: line too long, closing connection",
                 Closing::Unsynchronised => "Error: unreadable BDAT size, closing connection",
+                Closing::ChunkTooLarge => {
+                    "Error: BDAT chunk too large before authentication, closing connection"
+                }
                 Closing::Idle => "Error: idle timeout, closing connection",
                 Closing::Kicked => "Session ended by the administrator, closing",
             };

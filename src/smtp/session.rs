@@ -52,6 +52,10 @@ use crate::secret::Secret;
 use crate::server::{Conn, Shared, Summary};
 use crate::store::{Backend, User};
 
+/// Largest BDAT chunk usher skips before AUTH; no client has a reason to
+/// send one at all.
+const PRE_AUTH_CHUNK: u64 = 64 * 1024;
+
 /// Client bytes kept while usher logs in at the backend: a pipelined
 /// transaction of hundreds of RCPTs fits; past it the client waits.
 const PIPELINE_BUFFER: usize = 256 * 1024;
@@ -276,7 +280,12 @@ impl Front {
     }
 
     /// BDAT before AUTH: the chunk is skipped, then refused (case C33).
+    /// A chunk larger than [`PRE_AUTH_CHUNK`] closes the session instead:
+    /// skipping it would let an unauthenticated client stream without end.
     async fn bdat(&mut self, size: u64) -> Result<Next, Stop> {
+        if size > PRE_AUTH_CHUNK {
+            return Err(self.close(Closing::ChunkTooLarge).await);
+        }
         self.skip(size).await?;
         self.error(reply::AUTH_REQUIRED).await
     }

@@ -9,10 +9,12 @@
 //!   from a per-thread pool only for the read that found bytes and returns
 //!   it once they are written, so an idle session costs its sockets and a
 //!   few hundred bytes of state, not two copy buffers (issue 5);
-//! - when both legs are plain TCP, bytes go socket → pipe → socket with
-//!   splice(2) and never enter usher's memory; the pipe, like a buffer, is
-//!   borrowed only while bytes are in it, so an idle session holds no
-//!   extra descriptors (issue 5: a 20 MB FETCH costs about half the CPU);
+//! - when both legs are plain TCP and a direction moves bulk (a read filled
+//!   a whole buffer), its bytes go socket → pipe → socket with splice(2)
+//!   and never enter usher's memory, until a splice finds little again;
+//!   the pipe, like a buffer, is borrowed only while bytes are in it, so an
+//!   idle session holds no extra descriptors. Small interactive replies
+//!   stay on buffer copies, which need no pipe (issue 5: measured);
 //! - the session ends when either side closes, after `idle` with no bytes
 //!   in either direction, or when it is kicked; only then may usher write
 //!   its own line (`* BYE`, `421`) to the client.
@@ -196,6 +198,8 @@ pub async fn run(r: Relay) -> (End, Stream) {
             backend: &mut backend,
             up: Leg::pending(client_pending),
             down: Leg::pending(backend_pending),
+            up_bulk: false,
+            down_bulk: false,
             counters: &counters,
             clock: Clock { last: &last, start },
         };
@@ -257,22 +261,25 @@ impl Leg {
 
     /// Copies from `from` to `to` until either has nothing to give right
     /// now (`Pending`), `from` ends (`Ready(None)`) or a side fails.
+    /// `bulk` says whether this direction moves bulk now (see the module
+    /// invariants); it is updated from what the reads find.
     fn poll_copy(
         &mut self,
         cx: &mut Context<'_>,
-        from: &mut Stream,
-        to: &mut Stream,
+        (from, to): (&mut Stream, &mut Stream),
+        bulk: &mut bool,
         count: &AtomicU64,
         clock: Clock<'_>,
     ) -> Poll<Option<End>> {
         loop {
-            if let (Leg::Reading, Stream::Plain(source)) = (&*self, &*from) {
+            if let (Leg::Reading, Stream::Plain(source), true) = (&*self, &*from, *bulk) {
                 if let Stream::Plain(_) = to {
                     match poll_splice_in(cx, source) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Err(())) => return Poll::Ready(Some(End::Error)),
                         Poll::Ready(Ok(Spliced::End)) => return Poll::Ready(None),
                         Poll::Ready(Ok(Spliced::Bytes(pipe, len))) => {
+                            *bulk = len >= BULK_ENDS_BELOW;
                             *self = Leg::Piped {
                                 pipe,
                                 left: len,
@@ -307,6 +314,7 @@ impl Leg {
                     Poll::Ready(Err(())) => return Poll::Ready(Some(End::Error)),
                     Poll::Ready(Ok(None)) => return Poll::Ready(None),
                     Poll::Ready(Ok(Some((buf, len)))) => {
+                        *bulk = len == BUFFER;
                         *self = Leg::Writing { buf, at: 0, len };
                     }
                 },
@@ -335,6 +343,10 @@ impl Leg {
         }
     }
 }
+
+/// A splice that finds fewer bytes than this ends a direction's bulk
+/// mode: the transfer is over and buffer copies are cheaper again.
+const BULK_ENDS_BELOW: usize = 16 * 1024;
 
 /// Most bytes one splice moves, and the size asked for each pipe.
 const SPLICE_CHUNK: usize = 1024 * 1024;
@@ -438,6 +450,9 @@ struct Duplex<'a> {
     backend: &'a mut Stream,
     up: Leg,
     down: Leg,
+    /// Whether each direction moves bulk now (spliced when both are plain).
+    up_bulk: bool,
+    down_bulk: bool,
     counters: &'a Counters,
     clock: Clock<'a>,
 }
@@ -447,16 +462,20 @@ impl Future for Duplex<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
         let this = self.get_mut();
-        let up = this
-            .up
-            .poll_copy(cx, this.client, this.backend, &this.counters.up, this.clock);
+        let up = this.up.poll_copy(
+            cx,
+            (this.client, this.backend),
+            &mut this.up_bulk,
+            &this.counters.up,
+            this.clock,
+        );
         if let Poll::Ready(end) = up {
             return Poll::Ready(end.unwrap_or(End::ClientClosed));
         }
         let down = this.down.poll_copy(
             cx,
-            this.backend,
-            this.client,
+            (this.backend, this.client),
+            &mut this.down_bulk,
             &this.counters.down,
             this.clock,
         );

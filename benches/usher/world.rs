@@ -98,7 +98,7 @@ impl World {
         };
         let tuning = Tuning {
             clients: size.sessions,
-            proxy: false,
+            ..Tuning::default()
         };
         let backends: Vec<Dovecot> = (0..2)
             .map(|_| Dovecot::start_tuned(opts.clone(), tuning.clone()))

@@ -67,10 +67,13 @@ pub enum Command {
         admin: AdminArgs,
     },
     /// End live sessions of a running server by user, backend or client
-    /// address (admin endpoint).
+    /// address (admin endpoint). Ending none is no error, unless the user
+    /// or backend is not in the store either.
     Kick {
+        /// Login or alias.
         #[arg(long, group = "which")]
         user: Option<String>,
+        /// Backend name.
         #[arg(long, group = "which")]
         backend: Option<String>,
         /// Client IP address (without a port).

@@ -150,13 +150,16 @@ pub async fn run(config: Config, ready_file: Option<&Path>) -> anyhow::Result<()
         _ = tasks.join_next() => anyhow::bail!("a listener stopped"),
         _ = shutdown_signal() => {}
     }
-    // Stop accepting, then say goodbye to every session (`* BYE`) and give
-    // the farewells a moment to go out before the process ends.
+    // Stop accepting, then say goodbye to every session (`* BYE`, `421`),
+    // logged in or not, and give the farewells a moment to go out before
+    // the process ends.
     tasks.abort_all();
     let n = shared.sessions.stop_all();
     info!(sessions = n, "stopping");
     let deadline = tokio::time::Instant::now() + STOP_GRACE;
-    while !shared.sessions.is_empty() && tokio::time::Instant::now() < deadline {
+    // Every connection, logged in or not, holds a permit until it ends.
+    let all_closed = || limit.available_permits() == shared.config.limits.max_connections;
+    while !(shared.sessions.is_empty() && all_closed()) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     Ok(())

@@ -47,10 +47,20 @@ pub enum Selector {
 }
 
 /// All live sessions of this process.
-#[derive(Default)]
 pub struct Registry {
     live: DashMap<u64, Live>,
-    stopping: std::sync::atomic::AtomicBool,
+    /// Turns `true` when the server stops; pre-login connections, which
+    /// are not registered, watch it too.
+    stop: watch::Sender<bool>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            live: DashMap::new(),
+            stop: watch::Sender::new(false),
+        }
+    }
 }
 
 /// Removes its session from the registry when dropped.
@@ -136,8 +146,7 @@ impl Registry {
 
     /// Ends every session because the server stops; their farewell says so.
     pub fn stop_all(&self) -> usize {
-        self.stopping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop.send_replace(true);
         for s in self.live.iter() {
             s.kick.send_replace(true);
         }
@@ -146,7 +155,12 @@ impl Registry {
 
     /// Whether [`Registry::stop_all`] was called.
     pub fn stopping(&self) -> bool {
-        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+        *self.stop.borrow()
+    }
+
+    /// A receiver that turns `true` when the server stops.
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
     }
 
     pub fn len(&self) -> usize {
@@ -178,5 +192,12 @@ impl Registry {
             .collect();
         all.sort_by_key(|s| s.id);
         all
+    }
+}
+
+/// Resolves once `stop` turns `true`; never if its sender is gone.
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }

@@ -230,7 +230,7 @@ async fn prelogin_deadline_is_total() {
         tokio::time::sleep(Duration::from_millis(400)).await;
         dribbler.send(b"x").await;
     }
-    assert_eq!(silent.line().await, "* BYE Disconnected for inactivity.");
+    assert_eq!(silent.line().await, "* BYE Login time limit reached");
     assert!(silent.closes_within(Duration::from_secs(1)).await);
     dribbler.expect("* BYE").await;
     assert!(

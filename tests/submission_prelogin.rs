@@ -698,3 +698,26 @@ async fn a_stalled_sasl_exchange_gets_421() {
     assert_eq!(reply(&mut c).await, ["334 VXNlcm5hbWU6"]);
     times_out(&mut c, started).await;
 }
+
+/// SIGTERM: every connection hears why it ends — a submission session
+/// after AUTH, one before AUTH and an IMAP one before login — and usher
+/// waits for those farewells before it exits.
+#[tokio::test(flavor = "multi_thread")]
+async fn stopping_usher_says_why_to_logged_in_and_waiting_clients() {
+    let mut w = World::start();
+    let mut sending = w.alice().await;
+    let mut waiting = w.client().await;
+    let mut imap = Client::connect(w.usher.addr("imap")).await;
+    imap.expect("* OK").await;
+    tokio::task::block_in_place(|| w.usher.stop());
+    for c in [&mut sending, &mut waiting] {
+        let bye = c.line().await;
+        assert!(
+            bye.starts_with("421 4.3.2 usher.test Server shutting down"),
+            "{bye}"
+        );
+        assert!(c.closes_within(Duration::from_secs(5)).await);
+    }
+    assert_eq!(imap.line().await, "* BYE Server shutting down");
+    assert!(imap.closes_within(Duration::from_secs(5)).await);
+}

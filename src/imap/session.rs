@@ -19,6 +19,7 @@
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{info, warn};
 
@@ -36,6 +37,7 @@ use crate::relay::{self, End, Relay};
 use crate::route::{self, RouteError};
 use crate::secret::Secret;
 use crate::server::{Conn, Shared, Summary};
+use crate::sessions::stopped;
 use crate::store::{Backend, User};
 
 /// What the pre-login loop does after a command.
@@ -64,11 +66,14 @@ struct Front {
     deadline: Instant,
     bad: u32,
     failures: u32,
+    /// Turns `true` when the server stops (a farewell, then close).
+    stop: watch::Receiver<bool>,
 }
 
 /// Serves one IMAP client connection to its end.
 pub async fn serve(shared: Arc<Shared>, conn: Conn) -> Summary {
     let deadline = Instant::now() + shared.config.limits.prelogin_timeout;
+    let shared_stop = shared.sessions.stop_signal();
     let mut front = Front {
         shared,
         conn_id: conn.id,
@@ -79,6 +84,7 @@ pub async fn serve(shared: Arc<Shared>, conn: Conn) -> Summary {
         deadline,
         bad: 0,
         failures: 0,
+        stop: shared_stop,
     };
     let greeting = format!("* OK [CAPABILITY {}] usher ready\r\n", front.capabilities());
     if front.send(greeting.as_bytes()).await.is_err() {
@@ -141,10 +147,15 @@ impl Front {
     /// Reads more bytes into the buffer, within the pre-login deadline.
     async fn fill(&mut self) -> Result<(), Stop> {
         let mut chunk = [0u8; 4096];
-        match timeout_at(self.deadline, self.stream.read(&mut chunk)).await {
-            Err(_) => Err(self.bye("Disconnected for inactivity.").await),
-            Ok(Ok(0)) | Ok(Err(_)) => Err(Stop::Gone),
-            Ok(Ok(n)) => {
+        let read = tokio::select! {
+            r = timeout_at(self.deadline, self.stream.read(&mut chunk)) => Some(r),
+            _ = stopped(&mut self.stop) => None,
+        };
+        match read {
+            None => Err(self.bye("Server shutting down").await),
+            Some(Err(_)) => Err(self.bye("Login time limit reached").await),
+            Some(Ok(Ok(0)) | Ok(Err(_))) => Err(Stop::Gone),
+            Some(Ok(Ok(n))) => {
                 self.buf.extend_from_slice(&chunk[..n]);
                 Ok(())
             }

@@ -78,6 +78,8 @@ pub mod reply {
         /// No byte moved for the relay's idle time.
         Idle,
         Kicked,
+        /// The server stops (SIGTERM).
+        Shutdown,
     }
 
     impl Closing {
@@ -96,10 +98,16 @@ pub mod reply {
                 }
                 Closing::Idle => "Error: idle timeout, closing connection",
                 Closing::Kicked => "Session ended by the administrator, closing",
+                Closing::Shutdown => "Server shutting down, closing connection",
             };
-            // One enhanced code for every close: the session ended at a
-            // time or size limit and the client may retry (RFC 3463 X.4.2).
-            format!("421 4.4.2 {hostname} {text}\r\n")
+            // The session ended at a time or size limit, or by a kick, and
+            // the client may retry (RFC 3463 X.4.2); a stopping server is
+            // "not accepting network messages" (X.3.2).
+            let code = match self {
+                Closing::Shutdown => "4.3.2",
+                _ => "4.4.2",
+            };
+            format!("421 {code} {hostname} {text}\r\n")
         }
     }
 

@@ -32,6 +32,7 @@
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, info, warn};
 
@@ -50,6 +51,7 @@ use crate::relay::{self, End, Relay};
 use crate::route::RouteError;
 use crate::secret::Secret;
 use crate::server::{Conn, Shared, Summary};
+use crate::sessions::stopped;
 use crate::store::{Backend, User};
 
 /// Largest BDAT chunk usher skips before AUTH; no client has a reason to
@@ -104,11 +106,14 @@ struct Front {
     hello: Option<Hello>,
     bad: u32,
     failures: u32,
+    /// Turns `true` when the server stops (a farewell, then close).
+    stop: watch::Receiver<bool>,
 }
 
 /// Serves one submission client connection to its end.
 pub async fn serve(shared: Arc<Shared>, conn: Conn) -> Summary {
     let deadline = Instant::now() + shared.config.limits.prelogin_timeout;
+    let shared_stop = shared.sessions.stop_signal();
     let mut front = Front {
         shared,
         conn_id: conn.id,
@@ -120,6 +125,7 @@ pub async fn serve(shared: Arc<Shared>, conn: Conn) -> Summary {
         hello: None,
         bad: 0,
         failures: 0,
+        stop: shared_stop,
     };
     let greeting = reply::greeting(front.hostname());
     if front.send(greeting.as_bytes()).await.is_err() {
@@ -186,10 +192,15 @@ impl Front {
     /// Reads more bytes into the buffer, within the pre-AUTH deadline.
     async fn fill(&mut self) -> Result<(), Stop> {
         let mut chunk = [0u8; 4096];
-        match timeout_at(self.deadline, self.stream.read(&mut chunk)).await {
-            Err(_) => Err(self.close(Closing::Timeout).await),
-            Ok(Ok(0)) | Ok(Err(_)) => Err(Stop::Gone),
-            Ok(Ok(n)) => {
+        let read = tokio::select! {
+            r = timeout_at(self.deadline, self.stream.read(&mut chunk)) => Some(r),
+            _ = stopped(&mut self.stop) => None,
+        };
+        match read {
+            None => Err(self.close(Closing::Shutdown).await),
+            Some(Err(_)) => Err(self.close(Closing::Timeout).await),
+            Some(Ok(Ok(0)) | Ok(Err(_))) => Err(Stop::Gone),
+            Some(Ok(Ok(n))) => {
                 self.buf.extend_from_slice(&chunk[..n]);
                 Ok(())
             }
@@ -603,6 +614,7 @@ impl Front {
         .await;
         let farewell = match end {
             End::Idle => Some(Closing::Idle),
+            End::Kicked if shared.sessions.stopping() => Some(Closing::Shutdown),
             End::Kicked => Some(Closing::Kicked),
             _ => None,
         };

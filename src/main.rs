@@ -19,6 +19,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     if let Command::CheckConfig = cli.command {
+        if let Err(e) = usher::server::Keys::load(&config) {
+            eprintln!("usher: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
         println!("{}: ok", cli.config.display());
         return std::process::ExitCode::SUCCESS;
     }

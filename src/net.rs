@@ -104,8 +104,8 @@ impl AsyncWrite for Stream {
 /// Errors while loading certificates and keys, naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
-    #[error("{path}: {source}")]
-    Io { path: String, source: io::Error },
+    #[error("{path}: {error}")]
+    Io { path: String, error: io::Error },
     #[error("{path}: no certificate found")]
     NoCert { path: String },
     #[error("{path}: no private key found")]
@@ -119,9 +119,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn read_pem(path: &Path) -> Result<Vec<u8>, TlsSetupError> {
-    std::fs::read(path).map_err(|source| TlsSetupError::Io {
+    std::fs::read(path).map_err(|error| TlsSetupError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     })
 }
 
@@ -131,9 +131,9 @@ fn load_certs(
     let pem = read_pem(path)?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<_, _>>()
-        .map_err(|source| TlsSetupError::Io {
+        .map_err(|error| TlsSetupError::Io {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
     if certs.is_empty() {
         return Err(TlsSetupError::NoCert {
@@ -148,9 +148,9 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
     let certs = load_certs(cert)?;
     let pem = read_pem(key)?;
     let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|source| TlsSetupError::Io {
+        .map_err(|error| TlsSetupError::Io {
             path: key.display().to_string(),
-            source,
+            error,
         })?
         .ok_or_else(|| TlsSetupError::NoKey {
             path: key.display().to_string(),

@@ -17,7 +17,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::auth::Authenticator;
 use crate::backend::{BackendTls, ClientAddrs};
 use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
-use crate::net::{server_config, Stream};
+use crate::net::{client_config, server_config, Stream};
 use crate::relay::{Counters, End};
 use crate::route::HealthMap;
 use crate::secret::Secret;
@@ -65,21 +65,48 @@ impl Summary {
     }
 }
 
+/// The secrets and certificates a configuration names, loaded.
+pub struct Keys {
+    pub acceptor: Option<TlsAcceptor>,
+    pub master: Option<(String, Secret<String>)>,
+}
+
+impl Keys {
+    /// Loads every file the configuration names (certificate, key, master
+    /// password, backend CA); an error names the key and the file. `usher
+    /// check-config` runs this too, so it passes only what `serve` starts.
+    pub fn load(config: &Config) -> anyhow::Result<Keys> {
+        let acceptor = match &config.tls {
+            Some(tls) => Some(TlsAcceptor::from(
+                server_config(&tls.cert, &tls.key).context("tls.cert / tls.key")?,
+            )),
+            None => None,
+        };
+        let password = config.master_password().with_context(|| {
+            match &config.backends.master_password_file {
+                Some(file) => format!("backends.master_password_file: {}", file.display()),
+                None => "backends.master_password".to_string(),
+            }
+        })?;
+        let master = match (&config.backends.master_user, password) {
+            (Some(user), Some(pw)) => Some((user.clone(), pw)),
+            _ => None,
+        };
+        if let Some(ca) = &config.backends.ca {
+            client_config(ca).context("backends.ca")?;
+        }
+        Ok(Keys { acceptor, master })
+    }
+}
+
 impl Shared {
     /// Opens the store and loads keys; everything `serve` needs before
     /// binding.
     pub async fn new(config: Config) -> anyhow::Result<Shared> {
+        let Keys { acceptor, master } = Keys::load(&config)?;
         let store = Store::open(config.store.url.expose())
             .await
             .context("opening the store")?;
-        let acceptor = match &config.tls {
-            Some(tls) => Some(TlsAcceptor::from(server_config(&tls.cert, &tls.key)?)),
-            None => None,
-        };
-        let master = match (&config.backends.master_user, config.master_password()?) {
-            (Some(user), Some(pw)) => Some((user.clone(), pw)),
-            _ => None,
-        };
         let auth = Authenticator::new(
             store.clone(),
             config.auth.clone(),

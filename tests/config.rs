@@ -51,3 +51,56 @@ fn bad_configs_name_the_key() {
         }
     }
 }
+
+/// `usher check-config` reads every file the configuration names, as
+/// `serve` does: a missing key or master-password file is named with its
+/// key, and the shipped example passes.
+#[test]
+fn check_config_reads_the_files_it_names() {
+    let usher = env!("CARGO_BIN_EXE_usher");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let example = root.join("usher.example.toml");
+    let run = |config: &Path| {
+        std::process::Command::new(usher)
+            .arg("check-config")
+            .arg("--config")
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    assert!(run(&example).status.success());
+
+    let text = std::fs::read_to_string(&example).unwrap();
+    let certs = root.join("certs-example");
+    let text = text.replace("certs-example/", &format!("{}/", certs.display()));
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            text.replace("localhost.key", "missing.key"),
+            "tls.cert / tls.key",
+            "missing.key",
+        ),
+        (
+            text.replace(
+                "master_password = \"change-me\"",
+                "master_password_file = \"/nonexistent/master-password\"",
+            ),
+            "backends.master_password_file",
+            "/nonexistent/master-password",
+        ),
+        (
+            text.replace("certs-example/ca.crt", "certs-example/missing-ca.crt"),
+            "backends.ca",
+            "missing-ca.crt",
+        ),
+    ];
+    for (i, (config, key, file)) in cases.iter().enumerate() {
+        assert_ne!(config, &text, "case {i} changed nothing");
+        let path = dir.path().join(format!("case{i}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let out = run(&path);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "case {i}: {err}");
+        assert!(err.contains(key) && err.contains(file), "case {i}: {err}");
+    }
+}

@@ -44,6 +44,10 @@ async fn round(shared: &Arc<Shared>) {
             return;
         }
     };
+    // A backend removed from the store is forgotten: no stale "down".
+    shared
+        .health
+        .retain(|name| backends.iter().any(|b| b.name == name));
     let limit = shared.config.health.timeout;
     let mut probes = JoinSet::new();
     for b in backends {

@@ -8,15 +8,25 @@
 //!   `usher_relayed_bytes_total{protocol, direction}` at each session's end.
 //!
 //! Read when scraped: `usher_sessions` (live sessions) and
-//! `usher_backend_up{backend}`.
+//! `usher_backend_up{backend}` (a removed backend's goes within a minute).
+
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 
 use crate::server::Shared;
 
+/// Gauges not set for this long are dropped from the output: the state
+/// gauges are set at every scrape, so only those of a removed backend go.
+const STALE_GAUGE: Duration = Duration::from_secs(60);
+
 /// Installs the process-wide recorder; `None` if one is installed already.
 pub fn install() -> Option<PrometheusHandle> {
-    PrometheusBuilder::new().install_recorder().ok()
+    PrometheusBuilder::new()
+        .idle_timeout(MetricKindMask::GAUGE, Some(STALE_GAUGE))
+        .install_recorder()
+        .ok()
 }
 
 /// What a login came to.

@@ -95,6 +95,11 @@ impl HealthMap {
         }
     }
 
+    /// Keeps only the backends for which `keep` is true.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.backends.retain(|name, _| keep(name));
+    }
+
     pub fn is_up(&self, backend: &str) -> bool {
         self.backends.get(backend).is_none_or(|h| !h.down)
     }

@@ -564,3 +564,38 @@ async fn test_logins_find_a_backend_that_greets_but_cannot_log_in() {
     assert!(reply.starts_with("a OK"), "{reply}");
     assert!(wait_logins(&good, "alice@example.com", 1), "{}", good.log());
 }
+
+/// A removed backend leaves the health map at the next probe round, so no
+/// stale "down" stays in `/health` to keep an alert firing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_backend_leaves_the_health_report() {
+    let [imap1] = dovecots::<1>();
+    let usher = usher();
+    usher.add_backend("imap1", &imap1);
+    usher.ok(
+        &[
+            "backend",
+            "add",
+            "gone",
+            "--host",
+            "127.0.0.1",
+            "--imap-port",
+            &common::net::free_port().to_string(),
+        ],
+        None,
+    );
+    let admin = usher.addr("admin").to_string();
+    let health = || reqwest_like_get(&admin, "/health", TOKEN);
+    assert!(
+        common::net::poll_until(Duration::from_secs(5), || health().contains("\"gone\"")),
+        "{}",
+        health()
+    );
+    usher.ok(&["backend", "remove", "gone"], None);
+    assert!(
+        common::net::poll_until(Duration::from_secs(5), || !health().contains("\"gone\"")),
+        "{}",
+        health()
+    );
+    assert!(health().contains("\"imap1\""), "{}", health());
+}

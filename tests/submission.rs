@@ -850,3 +850,49 @@ async fn malformed_backend_replies_give_one_454() {
         assert!(!log.contains("panicked"), "{what}:\n{log}");
     }
 }
+
+/// Submission logins and sessions are counted in `/metrics` like IMAP's.
+#[tokio::test]
+async fn submission_logins_are_counted_in_metrics() {
+    let token = "submission-metrics-token-0123456789";
+    let w = World::start_with(
+        UsherOpts {
+            extra: format!("[admin]\naddress = \"127.0.0.1:0\"\ntoken = \"{token}\"\n"),
+            ..UsherOpts::default()
+        },
+        &["--tls", "starttls"],
+    );
+    let (mut c, _) = open_starttls(w.usher.addr("submission")).await;
+    assert_eq!(
+        auth_plain(&mut c, "alice@example.com", "wrong").await,
+        ["535 5.7.8 Authentication credentials invalid"]
+    );
+    let r = auth_plain(&mut c, "alice@example.com", "secret").await;
+    assert_eq!(r, ["235 2.7.0 Authentication successful"]);
+    command(&mut c, "QUIT").await;
+    drop(c);
+    let admin = w.usher.addr("admin");
+    let scrape = || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(admin).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let wanted = [
+        "usher_logins_total{protocol=\"submission\",outcome=\"ok\"} 1",
+        "usher_logins_total{protocol=\"submission\",outcome=\"rejected\"} 1",
+        "usher_sessions_ended_total{protocol=\"submission\"} 1",
+    ];
+    let all_there = || {
+        let m = scrape();
+        wanted.iter().all(|w| m.contains(w))
+    };
+    assert!(common::net::poll_until(WAIT, all_there), "{}", scrape());
+}

@@ -46,6 +46,7 @@ use super::reply::{self, Closing};
 use crate::auth::Verdict;
 use crate::backend::{BackendError, ClientAddrs};
 use crate::config::{ListenerConfig, TlsMode};
+use crate::metrics::{self, Outcome};
 use crate::net::Stream;
 use crate::relay::{self, End, Relay};
 use crate::route::RouteError;
@@ -454,12 +455,20 @@ impl Front {
             user = &*String::from_utf8_lossy(user),
             "authentication failed"
         );
+        metrics::login("submission", Outcome::Rejected);
         self.failures += 1;
         self.send(reply::AUTH_INVALID.as_bytes()).await?;
         if self.failures >= self.shared.config.limits.auth_failures {
             return Err(self.close(Closing::TooManyFailures).await);
         }
         Ok(Next::Continue)
+    }
+
+    /// No backend could take the session: a temporary failure (RFC 4954
+    /// §6), and the client may try again.
+    async fn unavailable(&mut self) -> Result<Next, Stop> {
+        metrics::login("submission", Outcome::Unavailable);
+        self.reply(reply::TEMPORARY_AUTH_FAILURE).await
     }
 
     /// Checks the password, picks a backend and logs in there.
@@ -477,7 +486,7 @@ impl Front {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "store unavailable");
-                return self.reply(reply::TEMPORARY_AUTH_FAILURE).await;
+                return self.unavailable().await;
             }
         };
         let user = match verdict {
@@ -490,7 +499,7 @@ impl Front {
             Ok(c) => c,
             Err(e) => {
                 log_route_error(&user, &e);
-                return self.reply(reply::TEMPORARY_AUTH_FAILURE).await;
+                return self.unavailable().await;
             }
         };
         match self.first_login(candidates, &user, &password).await? {
@@ -498,6 +507,7 @@ impl Front {
                 tracing::Span::current().record("backend", backend.name.as_str());
                 self.send(reply::AUTH_SUCCESSFUL.as_bytes()).await?;
                 info!("logged in");
+                metrics::login("submission", Outcome::Ok);
                 let handoff = Handoff {
                     logged_in,
                     user,
@@ -506,7 +516,7 @@ impl Front {
                 };
                 Ok(Next::Relay(Box::new(handoff)))
             }
-            None => self.reply(reply::TEMPORARY_AUTH_FAILURE).await,
+            None => self.unavailable().await,
         }
     }
 
@@ -624,7 +634,9 @@ impl Front {
         }
         let _ = client.shutdown().await;
         drop(lease);
-        Summary::from_counters(&counters, end)
+        let summary = Summary::from_counters(&counters, end);
+        metrics::session_ended("submission", summary.up, summary.down);
+        summary
     }
 }
 

@@ -52,6 +52,15 @@ impl BackendError {
                 | BackendError::Io(_)
         )
     }
+
+    /// Whether a real login's failure counts against the backend's health:
+    /// only a connection that could not be made. A slow answer under load
+    /// is not a dead backend, and counting it would turn a burst of
+    /// reconnects (after a kick or a drain) into refusals for everyone;
+    /// the probes judge slowness with their own timeout.
+    pub fn counts_against_health(&self) -> bool {
+        matches!(self, BackendError::Connect(_))
+    }
 }
 
 /// TLS connectors for backends, one per CA bundle, built on first use.

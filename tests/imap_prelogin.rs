@@ -428,6 +428,29 @@ async fn user_names_cannot_forge_log_lines() {
     assert_eq!(log.matches("authentication failed").count(), 2, "{log}");
 }
 
+/// Logins that time out at a slow backend are answered `NO [UNAVAILABLE]`
+/// but do not mark it down: under a burst of reconnects that would refuse
+/// everyone. Only probes (and connections that cannot be made) judge it.
+#[tokio::test]
+async fn slow_logins_do_not_mark_a_backend_down() {
+    let fake = FakeImap::start(Script::Silent).await;
+    let u = usher_with(UsherOpts {
+        backend_timeout: "1s",
+        extra: "[health]\ninterval = \"60s\"\ntimeout = \"1s\"\ndown_after = 3\n".into(),
+        ..UsherOpts::default()
+    });
+    with_fake(&u, &fake);
+    for _ in 0..3 {
+        let mut c = greeted(&u, "imap").await;
+        let start = Instant::now();
+        c.send(b"a1 LOGIN alice@example.com secret\r\n").await;
+        c.expect("a1 NO [UNAVAILABLE]").await;
+        // Each attempt still went to the backend and waited for it.
+        assert!(start.elapsed() >= Duration::from_millis(900));
+    }
+    assert!(!u.log().contains("backend is down"), "{}", u.log());
+}
+
 /// Dovecot with a slow auth process says `* OK Waiting for authentication
 /// process to respond..` before its real greeting: usher waits for the
 /// real one and the login goes through with the backend's capabilities.

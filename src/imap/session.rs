@@ -472,7 +472,9 @@ impl Front {
             if !e.is_down() {
                 return self.unavailable(tag).await;
             }
-            self.shared.health.report(&backend.name, false);
+            if e.counts_against_health() {
+                self.shared.health.report(&backend.name, false);
+            }
             // Could not reach it: the fallback, if usable, at once.
             match route::fallback_after(&self.shared, &user, route::Service::Imap, &backend.name)
                 .await

@@ -546,7 +546,9 @@ impl Front {
             if !error.is_down() {
                 break;
             }
-            self.shared.health.report(&backend.name, false);
+            if error.counts_against_health() {
+                self.shared.health.report(&backend.name, false);
+            }
             if candidates.pinned || Instant::now() >= give_up {
                 break;
             }

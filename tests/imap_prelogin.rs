@@ -451,6 +451,58 @@ async fn slow_logins_do_not_mark_a_backend_down() {
     assert!(!u.log().contains("backend is down"), "{}", u.log());
 }
 
+/// The state rules before login, as a table: each command gets the answer
+/// of its kind, and none of them reaches a backend.
+#[tokio::test]
+async fn prelogin_commands_refused_where_they_do_not_belong() {
+    let fake = FakeImap::start(ok_login()).await;
+    let u = usher();
+    with_fake(&u, &fake);
+    let table = [
+        (
+            "imap",
+            "a1 SELECT INBOX",
+            "a1 BAD Not authenticated; log in first",
+        ),
+        (
+            "imap",
+            "a2 uid fetch 1:* (FLAGS)",
+            "a2 BAD Not authenticated; log in first",
+        ),
+        ("imap", "a3 IDLE", "a3 BAD Not authenticated; log in first"),
+        ("imap", "a4 XYZZY plugh", "a4 BAD Unknown command"),
+        ("imap", "a5 CAPA", "a5 BAD Unknown command"),
+        ("imaps", "a6 STARTTLS", "a6 BAD STARTTLS not available"),
+        (
+            "imap-strict",
+            "a7 AUTHENTICATE PLAIN",
+            "a7 NO [PRIVACYREQUIRED]",
+        ),
+        (
+            "imap-strict",
+            "a8 LOGIN alice@example.com secret",
+            "a8 NO [PRIVACYREQUIRED]",
+        ),
+    ];
+    for (listener, command, answer) in table {
+        let mut c = if listener == "imaps" {
+            Client::connect_tls(u.addr(listener)).await
+        } else {
+            Client::connect(u.addr(listener)).await
+        };
+        c.expect("* OK").await;
+        c.send(format!("{command}\r\n")).await;
+        let line = c.line().await;
+        assert!(
+            line.starts_with(answer),
+            "{listener}: {command:?} got {line:?}"
+        );
+        c.send(b"z NOOP\r\n").await;
+        c.expect("z OK").await;
+    }
+    assert_eq!(fake.accepted.load(Ordering::SeqCst), 0);
+}
+
 /// Dovecot with a slow auth process says `* OK Waiting for authentication
 /// process to respond..` before its real greeting: usher waits for the
 /// real one and the login goes through with the backend's capabilities.

@@ -163,9 +163,56 @@ pub enum CommandKind {
         mechanism: Mechanism,
         initial: Option<Secret<Vec<u8>>>,
     },
-    /// A well-formed command that is not valid before login.
+    /// A well-formed command of a later state (RFC 9051 §6.3, §6.4, and
+    /// extensions such as IDLE or MOVE): not valid before login.
     NotYet(String),
+    /// A well-formed command name that usher does not know at all.
+    Unknown(String),
 }
+
+/// Commands of the authenticated and selected states, from RFC 9051 and
+/// the extensions clients commonly send: refused as "log in first" rather
+/// than as unknown.
+const LATER_STATE_COMMANDS: &[&str] = &[
+    "APPEND",
+    "CHECK",
+    "CLOSE",
+    "COMPRESS",
+    "COPY",
+    "CREATE",
+    "DELETE",
+    "DELETEACL",
+    "ENABLE",
+    "EXAMINE",
+    "EXPUNGE",
+    "FETCH",
+    "GETACL",
+    "GETMETADATA",
+    "GETQUOTA",
+    "GETQUOTAROOT",
+    "IDLE",
+    "LIST",
+    "LISTRIGHTS",
+    "LSUB",
+    "MOVE",
+    "MYRIGHTS",
+    "NAMESPACE",
+    "NOTIFY",
+    "RENAME",
+    "SEARCH",
+    "SELECT",
+    "SETACL",
+    "SETMETADATA",
+    "SETQUOTA",
+    "SORT",
+    "STATUS",
+    "STORE",
+    "SUBSCRIBE",
+    "THREAD",
+    "UID",
+    "UNSELECT",
+    "UNSUBSCRIBE",
+];
 
 /// SASL mechanisms usher offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,7 +283,11 @@ pub fn parse_command(input: &[u8]) -> Result<Command, ParseError> {
         _ if name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') => {
             // Skip the arguments of commands that belong to later states.
             c.pos = input.len() - eol_len(input);
-            CommandKind::NotYet(name)
+            if LATER_STATE_COMMANDS.contains(&name.as_str()) {
+                CommandKind::NotYet(name)
+            } else {
+                CommandKind::Unknown(name)
+            }
         }
         _ => return Err(syntax("Unknown command")),
     };
@@ -643,6 +694,10 @@ mod tests {
         assert_eq!(
             parse_command(b"a3 select INBOX\r\n").unwrap().kind,
             CommandKind::NotYet("SELECT".into())
+        );
+        assert_eq!(
+            parse_command(b"a3 XYZZY now\r\n").unwrap().kind,
+            CommandKind::Unknown("XYZZY".into())
         );
         assert_eq!(
             parse_command(b"a3 ID NIL\r\n").unwrap().kind,

@@ -245,6 +245,7 @@ impl Front {
                 self.authenticate(&tag, mechanism, initial).await
             }
             CommandKind::NotYet(_) => self.bad(&tag, "Not authenticated; log in first").await,
+            CommandKind::Unknown(_) => self.bad(&tag, "Unknown command").await,
         }
     }
 

@@ -285,8 +285,12 @@ async fn connection(
                 tokio::time::timeout(shared.config.limits.prelogin_timeout, acceptor.accept(tcp));
             match handshake.await {
                 Ok(Ok(tls)) => Stream::ServerTls(Box::new(tls)),
-                _ => {
-                    debug!("TLS handshake failed");
+                Ok(Err(e)) => {
+                    info!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    info!("TLS handshake timed out");
                     return;
                 }
             }

@@ -240,6 +240,28 @@ async fn prelogin_deadline_is_total() {
     );
 }
 
+/// When usher ends a session before login, its log says why.
+#[tokio::test]
+async fn sessions_usher_ends_say_why_in_the_log() {
+    let u = usher();
+    let mut c = greeted(&u, "imap").await;
+    c.send(format!("a1 NOOP {}\r\n", "x".repeat(70_000))).await;
+    c.expect("* BYE Line too long").await;
+    let mut c = Client::connect(u.addr("imaps")).await;
+    c.send(b"not a TLS client hello\r\n").await;
+    assert!(c.closes_within(Duration::from_secs(5)).await);
+    let said = || {
+        let log = u.log();
+        log.contains("usher ends the session reason=\"Line too long\"")
+            && log.contains("TLS handshake failed")
+    };
+    assert!(
+        common::net::poll_until(Duration::from_secs(5), said),
+        "{}",
+        u.log()
+    );
+}
+
 /// Too many bad commands end the session with a BYE.
 #[tokio::test]
 async fn bad_command_limit() {

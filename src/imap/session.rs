@@ -139,6 +139,7 @@ impl Front {
 
     /// Says goodbye and ends the session.
     async fn bye(&mut self, text: &str) -> Stop {
+        info!(reason = text, "usher ends the session");
         let _ = self.send(format!("* BYE {text}\r\n").as_bytes()).await;
         self.stream.linger_close().await;
         Stop::Closed
@@ -299,7 +300,14 @@ impl Front {
                 self.stream = Stream::ServerTls(Box::new(tls));
                 Some(self)
             }
-            _ => None,
+            Ok(Err(e)) => {
+                info!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                info!("TLS handshake timed out");
+                None
+            }
         }
     }
 

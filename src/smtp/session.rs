@@ -34,7 +34,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::{timeout_at, Instant};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::backend::{self as smtp_backend, Identity, LoggedIn};
 use super::parse::{
@@ -174,7 +174,7 @@ impl Front {
 
     /// Says why with `421` and ends the session.
     async fn close(&mut self, why: Closing) -> Stop {
-        debug!(reason = ?why, "closing");
+        info!(reason = ?why, "usher ends the session");
         let line = why.line(self.hostname());
         let _ = self.send(line.as_bytes()).await;
         self.stream.linger_close().await;
@@ -350,8 +350,12 @@ impl Front {
                 self.stream = Stream::ServerTls(Box::new(tls));
                 Some(self)
             }
-            _ => {
-                debug!("TLS handshake failed");
+            Ok(Err(e)) => {
+                info!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                info!("TLS handshake timed out");
                 None
             }
         }

@@ -49,6 +49,15 @@ pub fn cpu_seconds(roots: &[u32]) -> f64 {
     ticks as f64 / TICKS_PER_SECOND
 }
 
+/// Whether any process's command line contains `needle` (Dovecot names
+/// its processes after the instance).
+pub fn any_cmdline_contains(needle: &str) -> bool {
+    all_pids().into_iter().any(|pid| {
+        fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+    })
+}
+
 fn all_pids() -> Vec<u32> {
     let Ok(dir) = fs::read_dir("/proc") else {
         return Vec::new();

@@ -187,12 +187,37 @@ impl World {
     /// and outlive them here).
     pub fn refresh(&mut self, way: Way) -> anyhow::Result<()> {
         match way {
-            Way::Direct => self.backends.iter_mut().for_each(Dovecot::restart),
-            Way::DovecotProxy => self.proxy.restart(),
+            Way::Direct => self.backends.iter_mut().try_for_each(restart_quietly)?,
+            Way::DovecotProxy => restart_quietly(&mut self.proxy)?,
             Way::Usher => self.usher.restart()?,
         }
         Ok(())
     }
+}
+
+/// How long the processes of a stopped Dovecot may take to go away.
+const DOVECOT_GONE: Duration = Duration::from_secs(20);
+
+/// Restarts `d` once every process of its previous run has exited: after
+/// thousands of sessions, login and imap processes outlive the master for
+/// a moment, and a new master refuses to start beside their sockets.
+fn restart_quietly(d: &mut Dovecot) -> anyhow::Result<()> {
+    d.stop();
+    let name = d
+        .dir()
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .to_string();
+    let deadline = Instant::now() + DOVECOT_GONE;
+    while crate::procfs::any_cmdline_contains(&name) {
+        if Instant::now() > deadline {
+            bail!("processes of dovecot {name} still run {DOVECOT_GONE:?} after it stopped");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.restart();
+    Ok(())
 }
 
 /// Which service a target is for.

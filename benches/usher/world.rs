@@ -216,9 +216,21 @@ fn restart_quietly(d: &mut Dovecot) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    d.restart();
-    Ok(())
+    // Seen after thousands of TLS sessions: the new master still finds a
+    // listener on its old socket. Waiting and trying again gets past it.
+    for attempt in 1..=RESTART_ATTEMPTS {
+        let restarted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.restart()));
+        if restarted.is_ok() {
+            return Ok(());
+        }
+        eprintln!("dovecot {name}: restart {attempt} of {RESTART_ATTEMPTS} failed; waiting");
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    bail!("dovecot {name} did not restart")
 }
+
+/// How often a restart is tried (see [`restart_quietly`]).
+const RESTART_ATTEMPTS: usize = 4;
 
 /// Which service a target is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

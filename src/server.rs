@@ -1,8 +1,10 @@
 //! `usher serve`: binds the listeners, accepts connections and hands each
 //! to its protocol's session, inside one tracing span per connection.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -45,6 +47,17 @@ pub struct Conn {
     pub stream: Stream,
     pub addrs: ClientAddrs,
     pub listener: Arc<ListenerConfig>,
+}
+
+/// How the connection's own task ends: the session is over, or it goes on
+/// in the relay, handed over as a future of its own.
+pub enum Served {
+    Done(Summary),
+    /// The post-login part of the session. It runs in a task of its own,
+    /// so that the pre-login state machine — kilobytes sized for its
+    /// largest state — is freed, and an idle relayed session costs only
+    /// what the relay holds.
+    Relay(Pin<Box<dyn Future<Output = Summary> + Send>>),
 }
 
 /// What a finished session reports.
@@ -236,8 +249,17 @@ async fn accept_loop(
         let listener = listener.clone();
         tokio::spawn(
             async move {
-                let _permit = permit;
-                connection(shared, tcp, peer, listener, id).await;
+                let started = Instant::now();
+                match connection(shared, tcp, peer, listener, id).await {
+                    Served::Done(summary) => closed(started, summary),
+                    Served::Relay(relay) => {
+                        let session = async move {
+                            let _permit = permit;
+                            closed(started, relay.await);
+                        };
+                        tokio::spawn(session.instrument(tracing::Span::current()));
+                    }
+                }
             }
             .instrument(span),
         );
@@ -255,31 +277,44 @@ async fn refuse(mut tcp: TcpStream, protocol: Protocol, peer: SocketAddr) {
     let _ = tcp.shutdown().await;
 }
 
+/// The closing event of every connection.
+fn closed(started: Instant, summary: Summary) {
+    info!(
+        duration_ms = started.elapsed().as_millis() as u64,
+        bytes_up = summary.up,
+        bytes_down = summary.down,
+        end = ?summary.end,
+        "connection closed"
+    );
+}
+
 async fn connection(
     shared: Arc<Shared>,
     mut tcp: TcpStream,
     peer: SocketAddr,
     listener: Arc<ListenerConfig>,
     id: u64,
-) {
-    let started = Instant::now();
+) -> Served {
     debug!("accepted");
     let _ = tcp.set_nodelay(true);
     let local = match tcp.local_addr() {
         Ok(a) => a,
-        Err(_) => return,
+        Err(_) => return Served::Done(Summary::default()),
     };
     let socket = ClientAddrs { peer, local };
     let limit = shared.config.limits.prelogin_timeout;
     let addrs = match crate::proxy_header::receive(&mut tcp, socket, &listener, limit).await {
         Ok(addrs) => addrs,
-        Err(e) => return crate::proxy_header::refuse(tcp, listener.protocol, e).await,
+        Err(e) => {
+            crate::proxy_header::refuse(tcp, listener.protocol, e).await;
+            return Served::Done(Summary::default());
+        }
     };
     crate::proxy_header::record(&tracing::Span::current(), socket, addrs);
     let stream = match listener.tls {
         TlsMode::Implicit => {
             let Some(acceptor) = shared.acceptor.clone() else {
-                return;
+                return Served::Done(Summary::default());
             };
             let handshake =
                 tokio::time::timeout(shared.config.limits.prelogin_timeout, acceptor.accept(tcp));
@@ -287,11 +322,11 @@ async fn connection(
                 Ok(Ok(tls)) => Stream::ServerTls(Box::new(tls)),
                 Ok(Err(e)) => {
                     info!(error = %e, "TLS handshake failed");
-                    return;
+                    return Served::Done(Summary::default());
                 }
                 Err(_) => {
                     info!("TLS handshake timed out");
-                    return;
+                    return Served::Done(Summary::default());
                 }
             }
         }
@@ -303,15 +338,8 @@ async fn connection(
         addrs,
         listener: listener.clone(),
     };
-    let summary = match listener.protocol {
+    match listener.protocol {
         Protocol::Imap => crate::imap::session::serve(shared, conn).await,
         Protocol::Submission => crate::smtp::session::serve(shared, conn).await,
-    };
-    info!(
-        duration_ms = started.elapsed().as_millis() as u64,
-        bytes_up = summary.up,
-        bytes_down = summary.down,
-        end = ?summary.end,
-        "connection closed"
-    );
+    }
 }

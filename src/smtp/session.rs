@@ -51,7 +51,7 @@ use crate::net::Stream;
 use crate::relay::{self, End, Relay};
 use crate::route::RouteError;
 use crate::secret::Secret;
-use crate::server::{Conn, Shared, Summary};
+use crate::server::{Conn, Served, Shared, Summary};
 use crate::sessions::stopped;
 use crate::store::{Backend, User};
 
@@ -111,8 +111,9 @@ struct Front {
     stop: watch::Receiver<bool>,
 }
 
-/// Serves one submission client connection to its end.
-pub async fn serve(shared: Arc<Shared>, conn: Conn) -> Summary {
+/// Serves one submission client connection up to its end, or up to the
+/// relay, which it hands back to run in a task of its own.
+pub async fn serve(shared: Arc<Shared>, conn: Conn) -> Served {
     let deadline = Instant::now() + shared.config.limits.prelogin_timeout;
     let shared_stop = shared.sessions.stop_signal();
     let mut front = Front {
@@ -130,16 +131,16 @@ pub async fn serve(shared: Arc<Shared>, conn: Conn) -> Summary {
     };
     let greeting = reply::greeting(front.hostname());
     if front.send(greeting.as_bytes()).await.is_err() {
-        return Summary::default();
+        return Served::Done(Summary::default());
     }
     loop {
         match front.prelogin().await {
-            Ok(Next::Relay(handoff)) => return front.relay(*handoff).await,
+            Ok(Next::Relay(handoff)) => return Served::Relay(Box::pin(front.relay(*handoff))),
             Ok(Next::StartTls) => match front.starttls().await {
                 Some(upgraded) => front = upgraded,
-                None => return Summary::default(),
+                None => return Served::Done(Summary::default()),
             },
-            _ => return Summary::default(),
+            _ => return Served::Done(Summary::default()),
         }
     }
 }

@@ -59,8 +59,10 @@ fn per_gb(f: &Figures) -> f64 {
 
 /// Whether every run did what it was asked: operations done, no errors,
 /// and every idle session held. Says what failed on stderr.
-pub fn check_runs(runs: &[Run]) -> bool {
-    let mut healthy = !runs.is_empty();
+/// How many of `runs` failed (no operation, an error, or too few idle
+/// sessions held); each is reported on stderr.
+pub fn failed_runs(runs: &[Run]) -> usize {
+    let mut failed = 0;
     for r in runs {
         let f = &r.figures;
         let short = f.scenario == "idle" && f.ops < r.wanted as u64;
@@ -74,10 +76,10 @@ pub fn check_runs(runs: &[Run]) -> bool {
                 f.ops,
                 f.errors
             );
-            healthy = false;
+            failed += 1;
         }
     }
-    healthy
+    failed
 }
 
 /// One row of the table: a figure of one case.

@@ -5,6 +5,7 @@
 //! also appends to `events`, so that servers following the feed react to a
 //! helpdesk change made by another process.
 
+use std::path::Path;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -34,6 +35,8 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("store migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("store file {0}: {1}")]
+    File(String, std::io::Error),
 }
 
 /// A user as the login path needs it.
@@ -198,6 +201,26 @@ pub fn canonical_login(login: &str) -> String {
     login.trim().to_lowercase()
 }
 
+/// Creates the store's file, readable by its owner only, if it does not
+/// exist: it holds every password hash. SQLite gives its `-wal` and `-shm`
+/// files the same permissions. An existing file keeps its own.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.as_os_str().is_empty() || path == Path::new(":memory:") {
+        return Ok(());
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::File(path.display().to_string(), e)),
+    }
+}
+
 fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -224,6 +247,7 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .foreign_keys(true)
             .busy_timeout(std::time::Duration::from_secs(5));
+        create_private(options.get_filename())?;
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options)
@@ -715,6 +739,13 @@ pub fn validate_login(login: &str) -> Result<(), StoreError> {
             "login {login:?}: use a full address such as alice@example.com"
         )));
     }
+    // `*` separates a user from a master user in Dovecot's `user*master`
+    // logins, and cannot stand in an IMAP atom: refuse it in names.
+    if login.contains('*') {
+        return Err(StoreError::Invalid(format!(
+            "login {login:?}: `*` is not allowed in a login name"
+        )));
+    }
     Ok(())
 }
 
@@ -804,6 +835,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/s.db", dir.path().display());
         (Store::open(&url).await.unwrap(), dir)
+    }
+
+    /// The store holds every password hash: its files are the owner's
+    /// alone, whatever the umask.
+    #[tokio::test]
+    async fn a_new_store_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let (s, dir) = store().await;
+        s.add_user("alice@example.com", "h", None).await.unwrap();
+        for name in ["s.db", "s.db-wal", "s.db-shm"] {
+            let path = dir.path().join(name);
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{name}: {mode:o}");
+        }
+    }
+
+    #[test]
+    fn login_names_are_full_addresses_without_master_separator() {
+        assert!(validate_login("alice@example.com").is_ok());
+        for bad in [
+            "alice",
+            "alice@",
+            "al ice@example.com",
+            "a*master@example.com",
+        ] {
+            assert!(validate_login(bad).is_err(), "{bad}");
+        }
     }
 
     #[tokio::test]

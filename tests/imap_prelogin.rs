@@ -214,6 +214,37 @@ async fn byte_by_byte_login_matches_one_write() {
     );
 }
 
+/// The same input split into two writes at every position gives the same
+/// answers: AUTHENTICATE with an initial response, then a NOOP pipelined
+/// behind it that must reach the backend once, after the login.
+#[tokio::test]
+async fn authenticate_and_pipelined_noop_split_at_every_byte() {
+    let fake = FakeImap::start(ok_login()).await;
+    let u = usher();
+    with_fake(&u, &fake);
+    let plain = base64_encode(b"\0alice@example.com\0secret");
+    let input = format!("a1 AUTHENTICATE PLAIN {plain}\r\na2 NOOP\r\n");
+    for split in 1..input.len() {
+        let (first, second) = input.as_bytes().split_at(split);
+        let mut c = greeted(&u, "imap").await;
+        c.send(first).await;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        c.send(second).await;
+        assert_eq!(
+            c.line().await,
+            "a1 OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in",
+            "split at {split}"
+        );
+        assert_eq!(c.line().await, "a2 OK done", "split at {split}");
+    }
+    let noops = fake
+        .received()
+        .iter()
+        .filter(|l| l.contains("a2 NOOP"))
+        .count();
+    assert_eq!(noops, input.len() - 1, "each NOOP reached the backend once");
+}
+
 /// C25: a silent client and a dribbling client are both cut at the
 /// pre-login deadline, which is total, not per byte.
 #[tokio::test]

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use tokio::sync::Semaphore;
 
 use argon2::{Algorithm, Argon2, Params, Version};
 use password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -41,6 +42,16 @@ pub struct Authenticator {
     dummy_hash: Arc<String>,
     identity_limit: usize,
     penalties: Arc<Penalties>,
+    /// One permit per core for hashing: a verification holds its argon2
+    /// memory (19 MiB by default) for its whole run, so a burst of logins
+    /// waits its turn instead of holding that much each at once, and the
+    /// cores are not oversubscribed.
+    hashing: Arc<Semaphore>,
+}
+
+/// Hashing jobs that run at once: the machine's cores.
+fn hashing_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// How long failures are remembered.
@@ -218,7 +229,18 @@ impl Authenticator {
             dummy_hash: Arc::new(dummy_hash),
             identity_limit,
             penalties: Arc::default(),
+            hashing: Arc::new(Semaphore::new(hashing_threads())),
         }
+    }
+
+    /// Runs `work` (a hash or a verification) on the blocking pool once a
+    /// hashing permit is free; `None` if it could not run.
+    async fn hash_job<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let _permit = self.hashing.acquire().await.ok()?;
+        tokio::task::spawn_blocking(work).await.ok()
     }
 
     /// Checks a login from `client`; failures come back only after the
@@ -258,7 +280,7 @@ impl Authenticator {
     async fn upgrade(&self, user: &User, password: &[u8]) {
         let config = self.config.clone();
         let pw = password.to_vec();
-        let Ok(new) = tokio::task::spawn_blocking(move || hash_password(&config, &pw)).await else {
+        let Some(new) = self.hash_job(move || hash_password(&config, &pw)).await else {
             return;
         };
         match self
@@ -297,7 +319,8 @@ impl Authenticator {
             None => self.dummy_hash.as_str().to_owned(),
         };
         let pw = password_bytes.clone();
-        let matches = tokio::task::spawn_blocking(move || verify_password(&hash, &pw))
+        let matches = self
+            .hash_job(move || verify_password(&hash, &pw))
             .await
             .unwrap_or(false);
         match user {
@@ -324,6 +347,38 @@ mod tests {
             failure_delay: std::time::Duration::ZERO,
             ..AuthConfig::default()
         }
+    }
+
+    /// However many logins arrive at once, no more hashing jobs run at a
+    /// time than there are cores.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn hashing_jobs_run_at_most_one_per_core() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/s.db", dir.path().display());
+        let store = Store::open(&url).await.unwrap();
+        let auth = Arc::new(Authenticator::new(store, cheap(), 1024));
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let jobs: Vec<_> = (0..4 * hashing_threads())
+            .map(|_| {
+                let (auth, running, most) = (auth.clone(), running.clone(), most.clone());
+                tokio::spawn(async move {
+                    auth.hash_job(move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    })
+                    .await
+                })
+            })
+            .collect();
+        for job in jobs {
+            assert!(job.await.unwrap().is_some());
+        }
+        let most = most.load(Ordering::SeqCst);
+        assert!(most >= 1 && most <= hashing_threads(), "{most} at once");
     }
 
     #[test]

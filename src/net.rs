@@ -101,6 +101,27 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// Accepts a client's TLS handshake on `tcp` by `deadline` (the pre-login
+/// deadline: the handshake counts against it). A failed or late handshake
+/// is logged, with its reason, and gives `None`.
+pub async fn accept_tls(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    deadline: tokio::time::Instant,
+) -> Option<Stream> {
+    match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(Stream::ServerTls(Box::new(tls))),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!("TLS handshake timed out");
+            None
+        }
+    }
+}
+
 /// Errors while loading certificates and keys, naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {

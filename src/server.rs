@@ -19,7 +19,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::auth::Authenticator;
 use crate::backend::{BackendTls, ClientAddrs};
 use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
-use crate::net::{client_config, server_config, Stream};
+use crate::net::{accept_tls, client_config, server_config, Stream};
 use crate::relay::{Counters, End};
 use crate::route::HealthMap;
 use crate::secret::Secret;
@@ -316,18 +316,10 @@ async fn connection(
             let Some(acceptor) = shared.acceptor.clone() else {
                 return Served::Done(Summary::default());
             };
-            let handshake =
-                tokio::time::timeout(shared.config.limits.prelogin_timeout, acceptor.accept(tcp));
-            match handshake.await {
-                Ok(Ok(tls)) => Stream::ServerTls(Box::new(tls)),
-                Ok(Err(e)) => {
-                    info!(error = %e, "TLS handshake failed");
-                    return Served::Done(Summary::default());
-                }
-                Err(_) => {
-                    info!("TLS handshake timed out");
-                    return Served::Done(Summary::default());
-                }
+            let deadline = tokio::time::Instant::now() + shared.config.limits.prelogin_timeout;
+            match accept_tls(&acceptor, tcp, deadline).await {
+                Some(tls) => tls,
+                None => return Served::Done(Summary::default()),
             }
         }
         _ => Stream::Plain(tcp),

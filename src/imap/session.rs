@@ -32,7 +32,7 @@ use crate::auth::Verdict;
 use crate::backend::{BackendError, ClientAddrs};
 use crate::config::TlsMode;
 use crate::metrics::{self, Outcome};
-use crate::net::Stream;
+use crate::net::{accept_tls, Stream};
 use crate::relay::{self, End, Relay};
 use crate::route::{self, RouteError};
 use crate::secret::Secret;
@@ -296,20 +296,8 @@ impl Front {
         let Stream::Plain(tcp) = self.stream else {
             return None;
         };
-        match timeout_at(self.deadline, acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => {
-                self.stream = Stream::ServerTls(Box::new(tls));
-                Some(self)
-            }
-            Ok(Err(e)) => {
-                info!(error = %e, "TLS handshake failed");
-                None
-            }
-            Err(_) => {
-                info!("TLS handshake timed out");
-                None
-            }
-        }
+        self.stream = accept_tls(&acceptor, tcp, self.deadline).await?;
+        Some(self)
     }
 
     async fn authenticate(

@@ -155,6 +155,19 @@ pub enum End {
     Error,
 }
 
+impl End {
+    /// The name the closing log line gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::ClientClosed => "client closed",
+            End::BackendClosed => "backend closed",
+            End::Idle => "idle timeout",
+            End::Kicked => "kicked",
+            End::Error => "I/O error",
+        }
+    }
+}
+
 /// Byte counters of one session, readable while it runs.
 #[derive(Debug, Default)]
 pub struct Counters {

@@ -283,7 +283,7 @@ fn closed(started: Instant, summary: Summary) {
         duration_ms = started.elapsed().as_millis() as u64,
         bytes_up = summary.up,
         bytes_down = summary.down,
-        end = ?summary.end,
+        end = summary.end.map_or("before login", End::as_str),
         "connection closed"
     );
 }

@@ -460,7 +460,7 @@ async fn tls_client_closing_without_close_notify_is_an_ordinary_end() {
         w.usher.log()
     );
     let line = closed().unwrap();
-    assert!(line.contains("ClientClosed"), "{line}");
+    assert!(line.contains("end=\"client closed\""), "{line}");
 }
 
 /// No password (client's or master) reaches usher's log.

@@ -2,23 +2,18 @@
 //! front of them, and a third Dovecot in proxy mode in front of the same
 //! backends. Everything listens on 127.0.0.1, on ports the kernel chose.
 
-use std::collections::HashMap;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
 
 use crate::common::dovecot::{
-    example_ca_cert, example_certs_dir, hash_password, Dovecot, DovecotOpts, ProxyUser, Tuning,
-    MASTER_PASSWORD, MASTER_USER,
+    example_ca_cert, hash_password, Dovecot, DovecotOpts, ProxyUser, Tuning,
 };
+use crate::common::usher::{Usher, UsherOpts};
 use crate::load::{self, Target, PASSWORD};
 
 /// The three ways a client reaches its mailbox.
@@ -81,7 +76,7 @@ pub struct Size {
 pub struct World {
     pub backends: Vec<Dovecot>,
     pub proxy: Dovecot,
-    pub usher: UsherProc,
+    pub usher: Usher,
     /// Kept so that the sink's task outlives every run.
     pub sink: crate::sink::Sink,
     tls: TlsConnector,
@@ -129,19 +124,25 @@ impl World {
                 .collect();
             proxy.set_proxy_users(service, &proxy_users);
         }
-        let usher = UsherProc::start(size.sessions)?;
+        let usher = start_usher(size.sessions);
         for (i, backend) in backends.iter().enumerate() {
-            usher.add_backend(&format!("b{i}"), backend)?;
+            let name = format!("b{i}");
+            usher.add_backend(&name, backend);
+            let submission = port_of(backend, "submission").to_string();
+            usher.ok(
+                &["backend", "set", &name, "--submission-port", &submission],
+                None,
+            );
             let lines: String = users
                 .iter()
                 .skip(i)
                 .step_by(2)
                 .map(|u| format!("{u} {hash}\n"))
                 .collect();
-            usher.cli(
-                &["user", "import", "--hashed", "--backend", &format!("b{i}")],
-                lines.as_bytes(),
-            )?;
+            usher.ok(
+                &["user", "import", "--hashed", "--backend", &name],
+                Some(lines.as_bytes()),
+            );
         }
         Ok(World {
             backends,
@@ -189,7 +190,7 @@ impl World {
         match way {
             Way::Direct => self.backends.iter_mut().try_for_each(restart_quietly)?,
             Way::DovecotProxy => restart_quietly(&mut self.proxy)?,
-            Way::Usher => self.usher.restart()?,
+            Way::Usher => self.usher.restart(),
         }
         Ok(())
     }
@@ -279,212 +280,14 @@ fn tls_connector() -> anyhow::Result<TlsConnector> {
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
-/// The usher binary under test, with a configuration of the benchmark's
-/// own: cleartext IMAP and submission listeners that take passwords (it is
-/// loopback), IMAPS, legacy hashes kept as they are, no admin listener.
-pub struct UsherProc {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    addrs: HashMap<String, SocketAddr>,
-}
-
-/// How long usher may take to bind its listeners.
-const USHER_READY: Duration = Duration::from_secs(20);
-
-impl UsherProc {
-    fn start(sessions: usize) -> anyhow::Result<UsherProc> {
-        let dir = tempfile::Builder::new().prefix("usher-bench-").tempdir()?;
-        std::fs::write(dir.path().join("usher.toml"), config(dir.path(), sessions))?;
-        let mut usher = UsherProc {
-            dir,
-            child: None,
-            addrs: HashMap::new(),
-        };
-        usher.spawn()?;
-        Ok(usher)
-    }
-
-    fn config_path(&self) -> PathBuf {
-        self.dir.path().join("usher.toml")
-    }
-
-    pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("usher.log")
-    }
-
-    fn spawn(&mut self) -> anyhow::Result<()> {
-        let ready = self.dir.path().join("ready.json");
-        let _ = std::fs::remove_file(&ready);
-        let log = std::fs::File::create(self.log_path())?;
-        let mut command = Command::new(env!("CARGO_BIN_EXE_usher"));
-        command
-            .arg("--config")
-            .arg(self.config_path())
-            .args(["serve", "--ready-file"])
-            .arg(&ready)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        // An interrupted benchmark must not leave usher behind: it gets
-        // SIGTERM when the benchmark's (main) thread ends.
-        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let child = command.spawn().context("starting usher")?;
-        let child = self.child.insert(child);
-        let deadline = Instant::now() + USHER_READY;
-        loop {
-            let text = std::fs::read_to_string(&ready).unwrap_or_default();
-            if let Ok(map) = serde_json::from_str::<HashMap<String, String>>(&text) {
-                self.addrs = map
-                    .into_iter()
-                    .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
-                    .collect();
-                return Ok(());
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "usher exited with {status}; see {}",
-                    self.log_path().display()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!("usher did not start; see {}", self.log_path().display());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SIGTERM lets usher close its sessions politely.
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn restart(&mut self) -> anyhow::Result<()> {
-        self.stop();
-        self.spawn()
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    fn addr(&self, listener: &str) -> SocketAddr {
-        self.addrs[listener]
-    }
-
-    /// Runs a CLI command against usher's store; fails unless it succeeds.
-    fn cli(&self, args: &[&str], stdin: &[u8]) -> anyhow::Result<()> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_usher"))
-            .arg("--config")
-            .arg(self.config_path())
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child.stdin.take().expect("piped").write_all(stdin)?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "usher {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
-    }
-
-    fn add_backend(&self, name: &str, d: &Dovecot) -> anyhow::Result<()> {
-        let imap = d.imap_port().to_string();
-        let submission = d.submission_port().expect("submission is on").to_string();
-        self.cli(
-            &[
-                "backend",
-                "add",
-                name,
-                "--host",
-                "127.0.0.1",
-                "--imap-port",
-                &imap,
-                "--submission-port",
-                &submission,
-            ],
-            b"",
-        )
-    }
-}
-
-impl Drop for UsherProc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// usher's configuration for the benchmark.
-fn config(dir: &Path, sessions: usize) -> String {
-    let certs = example_certs_dir();
-    format!(
-        r#"hostname = "usher.bench"
-
-[store]
-url = "sqlite://{dir}/usher.db"
-
-[tls]
-cert = "{certs}/localhost.crt"
-key = "{certs}/localhost.key"
-
-[[listener]]
-name = "imap"
-protocol = "imap"
-address = "127.0.0.1:0"
-tls = "starttls"
-plaintext_auth = true
-
-[[listener]]
-name = "imaps"
-protocol = "imap"
-address = "127.0.0.1:0"
-tls = "implicit"
-
-[[listener]]
-name = "submission"
-protocol = "submission"
-address = "127.0.0.1:0"
-tls = "starttls"
-plaintext_auth = true
-
-[limits]
-max_connections = {max_connections}
-
-[auth]
-# Every login here is right; the delay only matters for failures.
-failure_delay = "200ms"
-# The hashes are Dovecot's, checked at the same cost by both proxies.
-rewrite_legacy_hashes = false
-
-[backends]
-master_user = "{master}"
-master_password = "{master_pw}"
-ca = "{certs}/ca.crt"
-"#,
-        dir = dir.display(),
-        certs = certs.display(),
-        max_connections = sessions.max(1000) * 2,
-        master = MASTER_USER,
-        master_pw = MASTER_PASSWORD,
-    )
+/// usher as the test harness runs it, at the production log level, with
+/// room for every session and the imported legacy hashes kept as they are
+/// (both proxies check the same scheme at the same cost).
+fn start_usher(sessions: usize) -> Usher {
+    Usher::start(UsherOpts {
+        limits: format!("max_connections = {}\n", sessions.max(1000) * 2),
+        auth: "rewrite_legacy_hashes = false\n".into(),
+        log_filter: "info",
+        ..UsherOpts::default()
+    })
 }

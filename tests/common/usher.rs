@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -28,6 +29,11 @@ pub struct UsherOpts {
     pub extra: String,
     /// Extra `[limits]` lines.
     pub limits: String,
+    /// Extra `[auth]` lines.
+    pub auth: String,
+    /// `RUST_LOG` for the server: everything by default; the benchmark
+    /// runs at the production level.
+    pub log_filter: &'static str,
 }
 
 impl Default for UsherOpts {
@@ -39,6 +45,8 @@ impl Default for UsherOpts {
             backend_timeout: "5s",
             extra: String::new(),
             limits: String::new(),
+            auth: String::new(),
+            log_filter: "usher=debug,info",
         }
     }
 }
@@ -49,6 +57,7 @@ pub struct Usher {
     dir: TempDir,
     config: PathBuf,
     addrs: HashMap<String, SocketAddr>,
+    log_filter: &'static str,
 }
 
 fn binary() -> &'static str {
@@ -115,6 +124,7 @@ backend_timeout = "{backend}"
 argon2_memory_kib = 256
 argon2_iterations = 1
 failure_delay = "{delay}"
+{auth}
 
 [backends]
 master_user = "{master}"
@@ -130,6 +140,7 @@ ca = "{certs}/ca.crt"
         backend = opts.backend_timeout,
         limits = opts.limits,
         delay = opts.failure_delay,
+        auth = opts.auth,
         master = MASTER_USER,
         master_pw = MASTER_PASSWORD,
         extra = opts.extra,
@@ -149,6 +160,7 @@ impl Usher {
             dir,
             config,
             addrs: HashMap::new(),
+            log_filter: opts.log_filter,
         };
         usher.spawn();
         usher
@@ -158,18 +170,27 @@ impl Usher {
         let ready = self.dir.path().join("ready.json");
         let _ = std::fs::remove_file(&ready);
         let log = std::fs::File::create(self.log_path()).unwrap();
-        let child = Command::new(binary())
+        let mut command = Command::new(binary());
+        command
             .arg("--config")
             .arg(&self.config)
             .arg("serve")
             .arg("--ready-file")
             .arg(&ready)
-            .env("RUST_LOG", "usher=debug,info")
+            .env("RUST_LOG", self.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting usher");
+            .stderr(log);
+        // An aborted test or benchmark must not leave usher behind: it
+        // gets SIGTERM when the thread that started it ends.
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("starting usher");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -309,6 +330,18 @@ impl Usher {
     }
 
     /// Sends SIGTERM and waits for the process.
+    /// The server's process id (0 once stopped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Stops the server and starts it again on the same store; listeners
+    /// get new ports.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             terminate(child.id());

@@ -512,10 +512,7 @@ async fn idle(last: &AtomicU64, start: Instant, limit: Duration) -> End {
 }
 
 async fn kicked(kick: &mut watch::Receiver<bool>) -> End {
-    // A dropped sender means nobody can kick; wait forever then.
-    if kick.wait_for(|k| *k).await.is_err() {
-        std::future::pending::<()>().await;
-    }
+    crate::sessions::stopped(kick).await;
     End::Kicked
 }
 

@@ -195,9 +195,10 @@ impl Registry {
     }
 }
 
-/// Resolves once `stop` turns `true`; never if its sender is gone.
-pub async fn stopped(stop: &mut watch::Receiver<bool>) {
-    if stop.wait_for(|s| *s).await.is_err() {
+/// Resolves once `signal` (a kick or the server's stop) turns `true`;
+/// never if its sender is gone, since then nobody can send it.
+pub async fn stopped(signal: &mut watch::Receiver<bool>) {
+    if signal.wait_for(|s| *s).await.is_err() {
         std::future::pending::<()>().await;
     }
 }

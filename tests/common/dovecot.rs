@@ -580,13 +580,19 @@ impl Drop for Dovecot {
 
 impl Ports {
     /// Fresh ports for what `opts` asks for.
+    /// Distinct free ports for the listeners `opts` asks for.
     fn pick(opts: &DovecotOpts) -> Ports {
-        let tls_port = || opts.tls.then(net::free_port);
+        let mut free = net::free_ports(4).into_iter();
+        let mut next = || free.next().expect("four ports");
+        let imap = next();
+        let imaps = opts.tls.then(&mut next);
+        let submission = opts.submission.map(|_| next());
+        let submissions = opts.submission.and_then(|_| opts.tls.then(&mut next));
         Ports {
-            imap: net::free_port(),
-            imaps: tls_port(),
-            submission: opts.submission.map(|_| net::free_port()),
-            submissions: opts.submission.and_then(|_| tls_port()),
+            imap,
+            imaps,
+            submission,
+            submissions,
         }
     }
 

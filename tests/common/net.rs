@@ -25,6 +25,17 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local_addr").port()
 }
 
+/// `n` distinct free ports: all are held open until every one is chosen,
+/// so the kernel cannot hand out the same port twice.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind(loopback(0)).expect("bind 127.0.0.1:0"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("local_addr").port())
+        .collect()
+}
+
 /// Whether something accepts TCP connections on 127.0.0.1:`port` right now.
 pub fn is_listening(port: u16) -> bool {
     TcpStream::connect_timeout(&loopback(port), CONNECT_TIMEOUT).is_ok()

@@ -296,7 +296,7 @@ Read a mailbox:
       'imaps://localhost:${imaps##*:}/INBOX?ALL'
 
 Send a message (the backend relays it to $dir/sink/):
-  swaks --server localhost:${submission##*:} -tls --tls-ca-path $certs/ca.crt \\
+  swaks --server localhost:${submission##*:} -tls --tls-verify --tls-ca-path $certs/ca.crt \\
       --auth PLAIN --auth-user alice@example.com --auth-password alice-demo-password \\
       --from alice@example.com --to bob@example.com
 

@@ -328,10 +328,19 @@ impl Config {
             return bad("store.url", "only sqlite:// URLs are supported so far");
         }
         let mut names = std::collections::HashSet::new();
+        // Port 0 (any free port) may repeat; a fixed address may not.
+        let mut addresses: std::collections::HashSet<SocketAddr> =
+            self.admin.iter().map(|a| a.address).collect();
         for (i, l) in self.listeners.iter().enumerate() {
             let key = |k: &str| format!("listener[{i}].{k}");
             if l.name.is_empty() || !names.insert(l.name.as_str()) {
                 return bad(&key("name"), "must be present and unique");
+            }
+            if l.address.port() != 0 && !addresses.insert(l.address) {
+                return bad(
+                    &key("address"),
+                    "is already used by another listener or the admin endpoint",
+                );
             }
             if l.tls != TlsMode::None && self.tls.is_none() {
                 return bad(&key("tls"), "needs a [tls] section with cert and key");

@@ -108,7 +108,28 @@ impl Keys {
         if let Some(ca) = &config.backends.ca {
             client_config(ca).context("backends.ca")?;
         }
+        check_store_dir(config.store.url.expose())?;
         Ok(Keys { acceptor, master })
+    }
+}
+
+/// The directory an SQLite store file goes in must exist: usher creates
+/// the file, not the directories above it.
+fn check_store_dir(url: &str) -> anyhow::Result<()> {
+    let path = url
+        .trim_start_matches("sqlite:")
+        .trim_start_matches("//")
+        .split('?')
+        .next()
+        .unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return Ok(());
+    }
+    match Path::new(path).parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+            anyhow::bail!("store.url: directory {} does not exist", dir.display())
+        }
+        _ => Ok(()),
     }
 }
 

@@ -25,6 +25,7 @@ fn bad_configs_name_the_key() {
         ("bad_duration.toml", "failure_delay"),
         ("bad_protocol.toml", "protocol"),
         ("bad_trusted_network.toml", "trusted_proxies"),
+        ("duplicate_address.toml", "listener[1].address"),
         ("health_down_after_zero.toml", "health.down_after"),
         ("health_password_without_user.toml", "health.test_password"),
         ("idle_timeout_short.toml", "limits.idle_timeout"),
@@ -92,6 +93,11 @@ fn check_config_reads_the_files_it_names() {
             text.replace("certs-example/ca.crt", "certs-example/missing-ca.crt"),
             "backends.ca",
             "missing-ca.crt",
+        ),
+        (
+            text.replace("sqlite://usher.db", "sqlite:///nonexistent/dir/usher.db"),
+            "store.url",
+            "/nonexistent/dir",
         ),
     ];
     for (i, (config, key, file)) in cases.iter().enumerate() {

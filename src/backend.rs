@@ -53,6 +53,13 @@ impl BackendError {
         )
     }
 
+    /// Whether the backend refused for a limit of its own (RFC 5530
+    /// `[LIMIT]`, e.g. Dovecot's connections per user and address): the
+    /// client should hear that, not that the account is unavailable.
+    pub fn is_limit(&self) -> bool {
+        matches!(self, BackendError::Refused(text) if text.starts_with("[LIMIT]"))
+    }
+
     /// Whether a real login's failure counts against the backend's health:
     /// only a connection that could not be made. A slow answer under load
     /// is not a dead backend, and counting it would turn a burst of

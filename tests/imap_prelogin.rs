@@ -608,6 +608,28 @@ async fn backend_refusal_is_one_unavailable_line() {
     }
 }
 
+/// A backend refusing for a limit of its own (Dovecot's connections per
+/// user and address) gives the client `NO [LIMIT]`, not UNAVAILABLE, and
+/// still none of the backend's text.
+#[tokio::test]
+async fn backend_limit_refusal_is_passed_on_as_limit() {
+    let fake = FakeImap::start(Script::Greet {
+        id_reply: "OK",
+        login_reply: vec!["{tag} NO [LIMIT] Maximum number of connections from user+IP exceeded"],
+    })
+    .await;
+    let u = usher();
+    with_fake(&u, &fake);
+    let mut c = greeted(&u, "imap").await;
+    c.send(b"a1 LOGIN alice@example.com secret\r\n").await;
+    assert_eq!(
+        c.line().await,
+        "a1 NO [LIMIT] Too many connections for this account"
+    );
+    c.send(b"a2 NOOP\r\n").await;
+    c.expect("a2 OK").await;
+}
+
 /// C26: a backend that never greets gives NO [UNAVAILABLE] after the
 /// backend timeout; a refused port answers at once; a client that leaves
 /// meanwhile makes usher drop the backend connection.

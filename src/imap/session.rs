@@ -467,6 +467,13 @@ impl Front {
                 Err(e) => e,
             };
             warn!(backend = %backend.name, error = %e, "backend login failed");
+            if e.is_limit() {
+                // Only the code goes to the client, never the backend's text.
+                metrics::login("imap", Outcome::Unavailable);
+                let text = format!("{tag} NO [LIMIT] Too many connections for this account\r\n");
+                self.send(text.as_bytes()).await?;
+                return Ok(Next::Continue);
+            }
             if !e.is_down() {
                 return self.unavailable(tag).await;
             }
